@@ -94,13 +94,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise Int4FormatError(f"pack_int4 needs K_pad divisible by 8, got {k_pad}")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise Int4FormatError("pack_int4 codes must lie in 0..15")
-    # [N, K_pad] -> [K_pad/8, 8, N]; build the words in int64 so the top nibble cannot overflow.
-    q = q.to(torch.int64).reshape(n, k_pad // 8, 8).permute(1, 2, 0)
-    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
-    words = (q << shifts).sum(dim=1)
-    # Reinterpret the low 32 bits as int32 (two's complement) without a range check.
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).contiguous()
+    # Build each word in int32 without overflow: codes 0..6 contribute q * 16**j < 2**28; the top
+    # code is taken as signed 4-bit (q - 16 when q >= 8) so q7 * 2**28 stays in int32 range and
+    # the sum is exactly the two's-complement word whose bits are the 8 codes.
+    q = q.reshape(n, k_pad // 8, 8)
+    words = q[:, :, 7].to(torch.int32)
+    words = torch.where(words >= 8, words - 16, words) * (1 << 28)
+    for j in range(7):
+        words += q[:, :, j].to(torch.int32) * (1 << (4 * j))
+    return words.t().contiguous()
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Round-to-nearest (RTN) quantization of a dense weight into the packed format.
 
 Runs on the weight's own device (a GPU when the model is there) and works through the output
-rows in chunks, so quantizing a layer needs the layer itself plus a bounded workspace
-(``chunk_bytes``, default 64 MiB of fp32 temporaries) rather than several fp32 copies of it.
+rows in chunks, packing each chunk as it goes, so quantizing a layer needs the layer itself
+plus a workspace no larger than the layer (and at most ``chunk_bytes``, default 64 MiB),
+rather than several fp32 copies of it.
 """
 
 from __future__ import annotations
@@ -58,11 +59,14 @@ def quantize_rtn(
     k_pad, g = padded_in_features(k, group_size), num_groups(k, group_size)
     gs = effective_group_size(k, group_size)
     dev = weight.device
-    codes = torch.empty((n, k_pad), dtype=torch.uint8, device=dev)
-    scales = torch.empty((n, g), dtype=scale_dtype, device=dev)
-    zeros = None if sym else torch.empty((n, g), dtype=torch.uint8, device=dev)
+    qweight = torch.empty((k_pad // 8, n), dtype=torch.int32, device=dev)
+    scales = torch.empty((g, n), dtype=scale_dtype, device=dev)
+    zeros = None if sym else torch.empty((g, n), dtype=torch.uint8, device=dev)
 
-    rows = max(1, chunk_bytes // (4 * k_pad * 4))  # ~4 fp32 temporaries of [rows, K_pad]
+    # ~20 bytes of temporaries per weight element (fp32 copies, codes, words): size the chunk
+    # so the workspace stays below both the layer's own bytes and chunk_bytes.
+    budget = min(chunk_bytes, weight.numel() * weight.element_size())
+    rows = max(1, budget // (20 * k_pad))
     for r0 in range(0, n, rows):
         w = weight[r0 : r0 + rows].to(torch.float32)
         # Pad the last group with NaN so it does not take part in min/max, then view as groups.
@@ -70,28 +74,28 @@ def quantize_rtn(
             w = torch.nn.functional.pad(w, (0, k_pad - k), value=float("nan"))
         w = w.view(w.shape[0], g, gs)
         if sym:
-            s = w.abs().nan_to_num(0.0).amax(dim=-1) / 7.0
-            s = _round_scales(s, scale_dtype)
-            q = torch.clamp(torch.round(w / s.unsqueeze(-1)), -8, 7) + 8
+            s = _round_scales(w.abs().nan_to_num(0.0).amax(dim=-1) / 7.0, scale_dtype)
             z = torch.full_like(s, 8.0)
+            q = torch.clamp(torch.round(w / s.unsqueeze(-1)), -8, 7) + 8
         else:
             lo = torch.clamp(w.nan_to_num(float("inf")).amin(dim=-1), max=0.0)
             hi = torch.clamp(w.nan_to_num(float("-inf")).amax(dim=-1), min=0.0)
             s = _round_scales((hi - lo) / 15.0, scale_dtype)
             z = torch.clamp(torch.round(-lo / s), 0, 15)
             q = torch.clamp(torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, 15)
+        del w
         # Padded positions (NaN) take the zero point so they dequantize to exactly 0.
         q = torch.where(torch.isnan(q), z.unsqueeze(-1), q)
-        codes[r0 : r0 + rows] = q.view(q.shape[0], k_pad).to(torch.uint8)
-        scales[r0 : r0 + rows] = s.to(scale_dtype)
+        qweight[:, r0 : r0 + rows] = pack_int4(q.view(q.shape[0], k_pad).to(torch.uint8))
+        scales[:, r0 : r0 + rows] = s.t().to(scale_dtype)
         if zeros is not None:
-            zeros[r0 : r0 + rows] = z.to(torch.uint8)
-        del w, q, s, z
+            zeros[:, r0 : r0 + rows] = z.t().to(torch.uint8)
+        del q, s, z
 
     return Int4Weight(
-        qweight=pack_int4(codes),
-        scales=scales.t().contiguous(),
-        zeros=None if zeros is None else zeros.t().contiguous(),
+        qweight=qweight,
+        scales=scales,
+        zeros=zeros,
         in_features=k,
         group_size=group_size,
     )

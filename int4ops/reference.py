@@ -15,10 +15,11 @@ from .format import Int4Weight, effective_group_size, unpack_int4
 def dequantize(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Return the dense [N, K] weight ``(q - z) * s`` in ``dtype`` (computed in fp32)."""
     gs = effective_group_size(w.in_features, w.group_size)
-    q = unpack_int4(w.qweight).to(torch.float32)  # [N, K_pad]
-    z = 8.0 if w.zeros is None else w.zeros.t().to(torch.float32).repeat_interleave(gs, dim=1)
-    s = w.scales.t().to(torch.float32).repeat_interleave(gs, dim=1)
-    return ((q - z) * s)[:, : w.in_features].to(dtype)
+    n, groups = w.out_features, w.scales.shape[0]
+    q = unpack_int4(w.qweight).to(torch.float32).view(n, groups, gs)  # [N, G, gs]
+    z = 8.0 if w.zeros is None else w.zeros.t().to(torch.float32).unsqueeze(-1)
+    s = w.scales.t().to(torch.float32).unsqueeze(-1)
+    return ((q - z) * s).view(n, groups * gs)[:, : w.in_features].to(dtype)
 
 
 def w4a16_matmul_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
