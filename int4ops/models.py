@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .format import FORMAT_VERSION, check_group_size
+from .format import FORMAT_VERSION, Int4FormatError, check_group_size
 from .nn import QuantLinear, linear_weight
 from .ops import check_backend
 
@@ -336,7 +336,7 @@ def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = Tru
             raise CheckpointError(f"{path / fname} holds tensors the model does not have: {sorted(unexpected)[:5]}")
         try:
             model.load_state_dict(sd, strict=False, assign=True)
-        except RuntimeError as e:
+        except (RuntimeError, Int4FormatError) as e:
             raise CheckpointError(f"{path / fname} does not match the model: {e}") from None
         loaded |= set(sd)
         del sd

@@ -59,6 +59,7 @@ def _announce(backend: str, why: str) -> None:
 
 def select_backend(x: torch.Tensor, requested: str) -> str:
     """Resolve ``requested`` (possibly overridden by INT4OPS_BACKEND) to a concrete backend."""
+    check_backend(requested)
     env = os.environ.get("INT4OPS_BACKEND")
     if env:
         requested = check_backend(env)

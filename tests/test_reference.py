@@ -1,0 +1,64 @@
+"""The reference matmul and the op entry point on the CPU."""
+
+import pytest
+import torch
+
+from int4ops.ops import select_backend, w4a16_linear
+from int4ops.quantize import quantize_rtn
+from int4ops.reference import dequantize, w4a16_matmul_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k,gs", [(1, 33, 172, 128), (5, 64, 256, 32), (3, 7, 40, -1)])
+def test_reference_matches_dense_fp64(dtype, m, n, k, gs):
+    w = quantize_rtn(torch.randn(n, k), gs)
+    x = torch.randn(m, k).to(dtype)
+    y = w4a16_matmul_reference(x, w)
+    assert y.dtype == dtype and y.shape == (m, n)
+    exact = x.double() @ dequantize(w, torch.float64).t()
+    assert torch.allclose(y.double(), exact, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+
+def test_op_is_registered_with_a_fake_and_runs():
+    w = quantize_rtn(torch.randn(16, 64), 32)
+    x = torch.randn(3, 64)
+    y = torch.ops.int4ops.w4a16_mm(x, w.qweight, w.scales, w.zeros, 64, 32, "reference")
+    assert torch.equal(y, w4a16_matmul_reference(x, w))
+    with torch.device("meta"):
+        ym = torch.ops.int4ops.w4a16_mm(x.to("meta"), w.qweight.to("meta"), w.scales.to("meta"), None, 64, 32, "auto")
+    assert ym.shape == (3, 16) and ym.device.type == "meta"
+
+
+def test_opcheck_reference_path():
+    w = quantize_rtn(torch.randn(16, 64), 32)
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.int4ops.w4a16_mm.default, (x, w.qweight, w.scales, w.zeros, 64, 32, "reference"))
+
+
+def test_linear_any_leading_shape_and_bias():
+    w = quantize_rtn(torch.randn(16, 40), -1, sym=True)
+    x = torch.randn(2, 3, 40)
+    bias = torch.randn(16)
+    y = w4a16_linear(x, w.qweight, w.scales, w.zeros, 40, -1, bias)
+    assert y.shape == (2, 3, 16)
+    assert torch.allclose(y, x @ dequantize(w).t() + bias, atol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    w = quantize_rtn(torch.randn(16, 40), 32)
+    with pytest.raises(ValueError, match="in_features=40"):
+        w4a16_linear(torch.randn(2, 41), w.qweight, w.scales, w.zeros, 40, 32)
+    with pytest.raises(TypeError, match="floating point"):
+        w4a16_linear(torch.ones(2, 40, dtype=torch.int64), w.qweight, w.scales, w.zeros, 40, 32)
+    with pytest.raises(ValueError, match="backend"):
+        select_backend(torch.randn(2, 40), "fast")
+
+
+def test_env_override_and_cpu_auto(monkeypatch):
+    x = torch.randn(2, 8)
+    assert select_backend(x, "auto") == "reference"
+    monkeypatch.setenv("INT4OPS_BACKEND", "reference")
+    assert select_backend(x, "triton") == "reference"
+    monkeypatch.setenv("INT4OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        select_backend(x, "auto")
