@@ -1,0 +1,234 @@
+"""Triton backend of ``torch.ops.int4ops.w4a16_mm``: argument checks, kernel choice, configs.
+
+Two kernels (each next to its launcher):
+
+    triton_gemv.py  w4a16_gemv  decode, M = 1..few: a weight stream with split-K
+    triton_gemm.py  w4a16_gemm  M larger: tensor-core tiles, split-K when tiles are few
+
+``w4a16_matmul`` picks one per call from the M/N/K/group size of the call:
+
+1. a tuned table shipped for this GPU (``tuned/<gpu name>.json``, measured offline with
+   bench/tune; keyed by "NxK" and a few M values, the nearest M in log scale is used);
+2. otherwise a heuristic (``heuristic_config``) that needs no benchmarking, so an untuned
+   GPU never stalls on autotuning: the first call of a new config costs only Triton's JIT
+   compile (see notes/triton_kernels.md), later calls a dict lookup.
+
+``INT4OPS_TRITON_KERNEL=gemv|gemm`` forces one kernel (with its heuristic config): a
+debugging and testing knob.
+
+Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
+torch.compile-friendly (the op is opaque to Dynamo anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..format import effective_group_size, validate
+
+log = logging.getLogger("int4ops")
+
+try:
+    import triton  # noqa: F401
+
+    from .triton_gemm import w4a16_gemm
+    from .triton_gemv import w4a16_gemv
+
+    _IMPORT_ERROR = None
+except ImportError as e:  # no Triton (e.g. macOS / Windows): the op falls back elsewhere
+    _IMPORT_ERROR = e
+
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+_INT32_LIMIT = 2**31
+
+
+def available(device) -> bool:
+    """Whether the kernels can run on ``device``: CUDA with Triton, or CPU under the interpreter."""
+    if _IMPORT_ERROR is not None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _block_k(group_size: int, K: int, cap: int) -> int:
+    """Largest power of two <= cap that divides the group size (any, per channel), >= 16,
+    and not needlessly larger than K."""
+    bk = cap if group_size == -1 else min(cap, group_size)
+    return max(16, min(bk, _pow2_at_least(K)))
+
+
+def _split_for(programs: int, k_tiles: int, sms: int, waves: int, cap: int) -> int:
+    """Split K until there are ~waves programs per SM (HBM needs many loads in flight)."""
+    if programs >= waves * sms:
+        return 1
+    return max(1, min(k_tiles, cap, math.ceil(waves * sms / max(1, programs))))
+
+
+def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: int) -> dict:
+    """A benchmark-free config: reasonable on any recent NVIDIA GPU (and in the interpreter)."""
+    if kernel == "gemv":
+        block_k = _block_k(group_size, K, 128)
+        # ~1-2K int32 words per tile: 8-16 words (2-4 16-byte loads) per thread at 4 warps.
+        block_n = max(16, min(64 if block_k >= 128 else 128, _pow2_at_least(N)))
+        programs = M * math.ceil(N / block_n)
+        split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=4, cap=32)
+        return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
+    if M <= 64:
+        # Memory-bound: small row tiles, long K tiles, deep pipeline, split-K to fill the GPU.
+        block_m = max(16, _pow2_at_least(M))
+        block_n, block_k, num_warps, num_stages = 64, _block_k(group_size, K, 128), 4, 4
+    else:
+        # Compute-bound: the tutorial-sized 128x128 tile; BLOCK_K 64 keeps 3 stages of the
+        # (8x expanded) weight tile + x tile within shared memory.
+        block_m, block_n, block_k, num_warps, num_stages = 128, 128, _block_k(group_size, K, 64), 8, 3
+    block_n = max(16, min(block_n, _pow2_at_least(N)))
+    tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
+    split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=2, cap=16)
+    return dict(
+        kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+        group_m=8, num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def tuned_file(device_name: str) -> Path:
+    return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device) -> tuple[int, dict]:
+    """(SM count, tuned table {"NxK": {M: config}}) of a device; read once per device."""
+    if device.type != "cuda":
+        return 8, {}
+    props = torch.cuda.get_device_properties(device)
+    path = tuned_file(props.name)
+    table = {}
+    if path.exists():
+        data = json.loads(path.read_text())
+        table = {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in data["configs"].items()}
+        log.info("int4ops: Triton configs for %s from %s (%d shapes)", props.name, path.name, len(table))
+    else:
+        log.info("int4ops: no tuned Triton configs for %s; using heuristics", props.name)
+    return props.multi_processor_count, table
+
+
+def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
+    by_m = table.get(f"{N}x{K}")
+    if not by_m:
+        return None
+    m_key = min(by_m, key=lambda m: (abs(math.log2(m) - math.log2(M)), -m))
+    cfg = dict(by_m[m_key])
+    if cfg["kernel"] == "gemm" and M > 4 * m_key:
+        return None  # tuned for far fewer rows (e.g. split-K settings): the heuristic is safer
+    cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])  # tuned at group 128: keep it dividing
+    return cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None) -> dict:
+    sms, table = _device_info(device)
+    if forced is None:
+        cfg = _tuned(table, M, N, K, group_size)
+        if cfg is not None:
+            return cfg
+    kernel = forced or ("gemv" if M <= 4 else "gemm")
+    return heuristic_config(kernel, M, N, K, group_size, sms)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(x, qweight, scales, zeros, in_features, group_size, out):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)} (flatten leading dims first)")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    validate(qweight, scales, zeros, in_features, group_size)
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has K={x.shape[1]} columns but the weight has in_features={in_features}")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qweight.device}")
+    M, N = x.shape[0], qweight.shape[1]
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (M, N) or out.dtype != x.dtype:
+            got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be a {x.dtype} tensor of shape {(M, N)}, got {got}")
+        if out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor on {x.device}")
+    if max(x.numel(), M * N, qweight.numel()) >= _INT32_LIMIT:
+        raise ValueError(f"problem too large for the kernels' int32 indexing: M={M}, N={N}, K={in_features}")
+
+
+def w4a16_matmul(x, qweight, scales, zeros, in_features, group_size, out=None):
+    """``x [M, K] @ dequant(W).T -> [M, N]`` in x.dtype (fp16/bf16; fp32 also works).
+
+    W is in the packed format of int4ops.format. ``out`` (contiguous [M, N], x.dtype) is
+    written if given. Runs on x's device; picks the kernel and config per call.
+    """
+    forced = os.environ.get("INT4OPS_TRITON_KERNEL") or None
+    if forced not in (None, "gemv", "gemm"):
+        raise ValueError(f"INT4OPS_TRITON_KERNEL must be gemv or gemm, got {forced!r}")
+    _check_args(x, qweight, scales, zeros, in_features, group_size, out)
+    M, N = x.shape[0], qweight.shape[1]
+    if M == 0 or N == 0:
+        return out if out is not None else x.new_empty((M, N))
+    cfg = choose_config(x.device, M, N, in_features, group_size, forced)
+    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
+
+
+def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=None, **config):
+    """Run ``kernel`` ("gemv" or "gemm") explicitly: its heuristic config updated with
+    ``config`` (block sizes, split_k, ...). For tests and tuning; same checks as above."""
+    if kernel not in ("gemv", "gemm"):
+        raise ValueError(f"kernel must be gemv or gemm, got {kernel!r}")
+    _check_args(x, qweight, scales, zeros, in_features, group_size, out)
+    M, N = x.shape[0], qweight.shape[1]
+    cfg = {**heuristic_config(kernel, M, N, in_features, group_size, _device_info(x.device)[0]), **config}
+    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
+
+
+def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out):
+    M, N = x.shape[0], qweight.shape[1]
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    cfg = dict(cfg)
+    launch = w4a16_gemv if cfg.pop("kernel") == "gemv" else w4a16_gemm
+    gs = effective_group_size(in_features, group_size)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return launch(x, qweight, scales, zeros, in_features, gs, out, **cfg)

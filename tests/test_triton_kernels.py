@@ -1,0 +1,295 @@
+"""The Triton W4A16 kernels (int4ops/kernels/triton_*.py) against the fp32 reference.
+
+On a CPU-only machine the kernels run under the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes here are small; ``gpu``-marked tests use real layer sizes.
+Every test draws fresh random data; the seed is in each failure message.
+"""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import TOL, poisoned, rel_err
+from int4ops import quantize_rtn, w4a16_matmul_reference
+from int4ops.format import Int4FormatError
+from int4ops.kernels import triton_w4a16 as tw
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not tw.available(DEVICE), reason=f"Triton cannot run on {DEVICE}")
+
+KERNELS = ("gemv", "gemm")
+
+
+def make_problem(M, N, K, group_size, sym, dtype, scale_dtype=None, device=DEVICE, seed=None):
+    seed = random.randrange(2**31) if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    w = quantize_rtn(torch.randn(N, K, generator=g), group_size, sym, scale_dtype=scale_dtype or dtype)
+    w.qweight, w.scales = w.qweight.to(device), w.scales.to(device)
+    w.zeros = None if w.zeros is None else w.zeros.to(device)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    return x, w, w4a16_matmul_reference(x.float(), w), seed
+
+
+def args(x, w):
+    return x, w.qweight, w.scales, w.zeros, w.in_features, w.group_size
+
+
+def check(out, ref, dtype, what):
+    assert out.dtype == dtype and out.shape == ref.shape, what
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: rel_err {err:.2e} > {TOL[dtype]:.0e}"
+
+
+# Cases: each axis cycles with its own period, so 20 cases cover every value of every axis
+# and most pairs (a full product would take the interpreter an hour).
+MS, NS, KS = (1, 2, 3, 16, 33), (1, 33, 96), (64, 100, 172, 256)
+GROUPS, DTYPES = (32, 64, 128, -1, 256), (torch.float16, torch.bfloat16)
+SCALE_DTYPES = (None, torch.float32, None, torch.bfloat16, torch.float16)
+CASES = [
+    (MS[i % 5], NS[i % 3], KS[i % 4], GROUPS[(i // 2) % 5], i % 7 < 3, DTYPES[(i // 3) % 2], SCALE_DTYPES[i % 5])
+    for i in range(20)
+]
+
+
+def case_id(c):
+    M, N, K, gs, sym, dtype, sdt = c
+    sd = "" if sdt is None else "-s" + str(sdt).split(".")[1]
+    return f"M{M}-N{N}-K{K}-g{gs}-{'sym' if sym else 'asym'}-{str(dtype).split('.')[1]}{sd}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_matches_reference(kernel, case):
+    M, N, K, gs, sym, dtype, sdt = case
+    x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
+    out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, DEVICE))
+    check(out, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
+
+
+# Configs the heuristics rarely pick on small shapes: several K-tiles per group, tiles wider
+# than N, heavy split-K (more splits than K-tiles is clamped), M not a multiple of BLOCK_M.
+SPLIT_CASES = [
+    ("gemv", (1, 96, 256, 128, False), dict(block_k=32, block_n=32, split_k=3)),
+    ("gemv", (2, 33, 172, -1, True), dict(block_k=16, block_n=128, split_k=100)),
+    ("gemv", (3, 96, 256, 256, False), dict(block_k=256, block_n=16, split_k=1)),
+    ("gemm", (33, 96, 256, 64, False), dict(block_m=16, block_n=32, block_k=32, split_k=4)),
+    ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, block_k=64, split_k=2, group_m=2)),
+    ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, block_k=128, split_k=1)),
+]
+
+
+@pytest.mark.parametrize("kernel,shape,config", SPLIT_CASES, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_configs(kernel, shape, config, dtype):
+    x, w, ref, seed = make_problem(*shape, dtype)
+    out = tw.run_kernel(kernel, *args(x, w), out=poisoned(ref.shape, dtype, DEVICE), **config)
+    check(out, ref, dtype, f"{kernel} {shape} {config} seed={seed}")
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_op_with_forced_kernel(kernel, case, monkeypatch):
+    monkeypatch.setenv("INT4OPS_TRITON_KERNEL", kernel)
+    M, N, K, gs, sym, dtype, sdt = case
+    x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
+    out = torch.ops.int4ops.w4a16_mm(*args(x, w), backend="triton")
+    check(out, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
+
+
+@pytest.mark.parametrize("M", (1, 16, 33))
+def test_op_dispatch(M):
+    x, w, ref, seed = make_problem(M, 96, 172, 64, False, torch.float16)
+    check(torch.ops.int4ops.w4a16_mm(*args(x, w), backend="triton"), ref, torch.float16, f"M={M} seed={seed}")
+    out = tw.w4a16_matmul(*args(x, w), out=poisoned(ref.shape, torch.float16, DEVICE))
+    check(out, ref, torch.float16, f"direct M={M} seed={seed}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fp32_activations(kernel):
+    x, w, ref, seed = make_problem(16, 33, 100, 32, False, torch.float32, torch.float16)
+    check(tw.run_kernel(kernel, *args(x, w)), ref, torch.float32, f"{kernel} seed={seed}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_contiguous_x(kernel):
+    x, w, ref, seed = make_problem(3, 33, 64, 32, True, torch.float16)
+    x_t = x.t().contiguous().t()  # same values, column-major
+    assert not x_t.is_contiguous()
+    check(tw.run_kernel(kernel, *args(x_t, w)), ref, torch.float16, f"{kernel} seed={seed}")
+    x_wide = torch.zeros(3, 80, dtype=x.dtype, device=DEVICE)
+    x_wide[:, :64] = x  # row stride 80 != K
+    check(tw.run_kernel(kernel, *args(x_wide[:, :64], w)), ref, torch.float16, f"{kernel} strided seed={seed}")
+
+
+def test_empty_m():
+    _, w, _, _ = make_problem(1, 33, 64, 32, False, torch.float16)
+    x = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
+    assert tw.w4a16_matmul(*args(x, w)).shape == (0, 33)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and plumbing
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weight():
+    return make_problem(2, 33, 100, 32, False, torch.float16)[1]
+
+
+def test_rejects_bad_dtype(weight):
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+            tw.w4a16_matmul(*args(torch.ones(2, 100, device=DEVICE, dtype=dtype), weight))
+
+
+def test_rejects_non_2d(weight):
+    with pytest.raises(ValueError, match="2-D"):
+        tw.w4a16_matmul(*args(torch.ones(100, device=DEVICE, dtype=torch.float16), weight))
+    with pytest.raises(ValueError, match="2-D"):
+        tw.w4a16_matmul(*args(torch.ones(1, 2, 100, device=DEVICE, dtype=torch.float16), weight))
+
+
+def test_rejects_k_mismatch(weight):
+    with pytest.raises(ValueError, match="K=64"):
+        tw.w4a16_matmul(*args(torch.ones(2, 64, device=DEVICE, dtype=torch.float16), weight))
+
+
+def test_rejects_bad_weight_and_out(weight):
+    x = torch.ones(2, 100, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(Int4FormatError, match="qweight has"):
+        tw.w4a16_matmul(x, weight.qweight[:-1], weight.scales, weight.zeros, 100, 32)
+    with pytest.raises(Int4FormatError, match="group_size"):
+        tw.w4a16_matmul(x, weight.qweight, weight.scales, weight.zeros, 100, 48)
+    for bad in (torch.empty(2, 34, dtype=torch.float16), torch.empty(2, 33, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="out must be"):
+            tw.w4a16_matmul(*args(x, weight), out=bad.to(DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        tw.w4a16_matmul(*args(x, weight), out=torch.empty(33, 2, dtype=torch.float16, device=DEVICE).t())
+
+
+def test_rejects_bad_kernel_override(weight, monkeypatch):
+    monkeypatch.setenv("INT4OPS_TRITON_KERNEL", "marlin")
+    with pytest.raises(ValueError, match="INT4OPS_TRITON_KERNEL"):
+        tw.w4a16_matmul(*args(torch.ones(2, 100, device=DEVICE, dtype=torch.float16), weight))
+    with pytest.raises(ValueError, match="kernel must be"):
+        tw.run_kernel("marlin", *args(torch.ones(2, 100, device=DEVICE, dtype=torch.float16), weight))
+
+
+def test_available(monkeypatch):
+    assert tw.available(DEVICE)
+    assert not tw.available("meta")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tw.available("cpu") is False
+
+
+@pytest.mark.parametrize("M", (1, 2, 5, 16, 64, 200, 4096))
+@pytest.mark.parametrize("N,K", ((4096, 4096), (28672, 4096), (4096, 14336), (33, 100)))
+@pytest.mark.parametrize("group_size", (32, 128, -1))
+def test_heuristic_configs_are_valid(M, N, K, group_size):
+    for kernel in KERNELS:
+        cfg = tw.heuristic_config(kernel, M, N, K, group_size, sms=132)
+        bk = cfg["block_k"]
+        assert bk >= 16 and bk & (bk - 1) == 0, cfg
+        assert group_size == -1 or group_size % bk == 0, cfg
+        assert 1 <= cfg["split_k"] <= math.ceil(K / bk), cfg
+
+
+def test_shipped_tuned_configs_are_valid():
+    files = sorted(tw.TUNED_DIR.glob("*.json"))
+    for path in files:
+        data = json.loads(path.read_text())
+        assert tw.tuned_file(data["device"]) == path, "file name must match the device name"
+        for shape, by_m in data["configs"].items():
+            N, K = map(int, shape.split("x"))
+            for m, cfg in by_m.items():
+                assert cfg["kernel"] in KERNELS and int(m) >= 1, (path.name, shape, m)
+                assert cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, shape, m)
+                assert tw._tuned(tw_table(data), int(m), N, K, 32)["block_k"] <= 32
+
+
+def tw_table(data):
+    return {s: {int(m): c for m, c in by_m.items()} for s, by_m in data["configs"].items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: real layer sizes, the op's registration, CUDA graphs (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------
+
+LLAMA_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", LLAMA_SHAPES)
+@pytest.mark.parametrize("M", (1, 3, 16, 64, 333, 4096))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_real_sizes(M, N, K, dtype):
+    if M * N * K > 4096 * 8192 * 28672 // 4 and dtype == torch.bfloat16:
+        pytest.skip("largest bf16 products covered by fp16 (reference time)")
+    x, w, ref, seed = make_problem(M, N, K, 128, False, dtype, device="cuda")
+    out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, N), dtype, "cuda"))
+    check(out, ref, dtype, f"auto M={M} N={N} K={K} seed={seed}")
+    for kernel in KERNELS if M <= 64 else ("gemm",):
+        out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, "cuda"))
+        check(out, ref, dtype, f"{kernel} M={M} N={N} K={K} seed={seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size,sym", ((32, True), (64, False), (256, True), (-1, False)))
+@pytest.mark.parametrize("M", (1, 16, 257))
+def test_gpu_groups_odd_shapes(M, group_size, sym):
+    for dtype in DTYPES:
+        x, w, ref, seed = make_problem(M, 4099, 4100, group_size, sym, dtype, device="cuda")
+        for kernel in KERNELS:
+            out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, 4099), dtype, "cuda"))
+            check(out, ref, dtype, f"{kernel} M={M} g={group_size} seed={seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 64))
+def test_gpu_opcheck(M):
+    x, w, _, _ = make_problem(M, 512, 384, 128, False, torch.float16, device="cuda")
+    torch.library.opcheck(torch.ops.int4ops.w4a16_mm.default, (*args(x, w), "triton"))
+    torch.library.opcheck(torch.ops.int4ops.w4a16_mm.default, (x, w.qweight, w.scales, None, 384, 128, "triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 16, 300))
+def test_gpu_cuda_graph_capture_and_replay(M):
+    x, w, _, _ = make_problem(M, 4096, 4096, 128, False, torch.float16, device="cuda")
+    static_x = x.clone()
+    op = lambda: torch.ops.int4ops.w4a16_mm(static_x, w.qweight, w.scales, w.zeros, 4096, 128, "triton")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op()  # warm up: JIT compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = op()
+    for _ in range(2):
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(static_out, w4a16_matmul_reference(new_x.float(), w), torch.float16, f"graph M={M}")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    x, w, ref, _ = make_problem(16, 1024, 512, 128, True, torch.float16, device="cuda")
+    fn = torch.compile(lambda x: torch.ops.int4ops.w4a16_mm(x, w.qweight, w.scales, w.zeros, 512, 128, "triton"), fullgraph=True)
+    check(fn(x), ref, torch.float16, "compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_second_device():
+    x, w, ref, _ = make_problem(16, 1024, 512, 128, False, torch.float16, device="cuda:1")
+    out = tw.w4a16_matmul(*args(x, w))
+    assert out.device == torch.device("cuda:1")
+    check(out, ref, torch.float16, "cuda:1")
