@@ -15,6 +15,9 @@ import time
 
 import torch
 
+from .format import Int4FormatError
+from .models import CheckpointError
+
 log = logging.getLogger("int4ops")
 
 
@@ -181,7 +184,11 @@ def main(argv=None) -> int:
     if args.verbose:
         logging.getLogger("int4ops").setLevel(logging.INFO)
     handlers = {None: cmd_demo, "demo": cmd_demo, "quantize": cmd_quantize, "info": cmd_info, "estimate": cmd_estimate}
-    return handlers[args.cmd](args)
+    try:
+        return handlers[args.cmd](args)
+    except (Int4FormatError, CheckpointError, FileNotFoundError) as e:
+        print(f"int4ops: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
