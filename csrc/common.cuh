@@ -1,0 +1,80 @@
+// Shared helpers of the int4ops CUDA kernels: dtype conversion, error reporting.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "int4ops_cuda.h"
+
+namespace int4ops {
+
+// Record a failure message for this thread (printf-style) and return `code`.
+int set_error(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
+inline const char* dtype_name(int code) {
+  switch (code) {
+    case INT4OPS_F16: return "fp16";
+    case INT4OPS_BF16: return "bf16";
+    case INT4OPS_F32: return "fp32";
+    default: return "?";
+  }
+}
+
+// Make `device` current for this call and put the previous device back afterwards. The library
+// has its own (static) CUDA runtime; the device and stream handles it gets from torch name the
+// same driver objects, so this only matters when the caller's thread sits on another device.
+struct DeviceGuard {
+  int prev = -1;
+  cudaError_t err = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    err = cudaGetDevice(&prev);
+    if (err == cudaSuccess && prev != device) err = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+// Scalar <-> float for the three storage dtypes.
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+
+// Load scale s[g, n] stored as `scale_dtype` (a runtime code: the branch is uniform across the
+// grid, so it costs a predicate, and it saves compiling every kernel three times).
+__device__ __forceinline__ float load_scale(const void* scales, size_t idx, int scale_dtype) {
+  if (scale_dtype == INT4OPS_F16) return __half2float(__ldg(static_cast<const __half*>(scales) + idx));
+  if (scale_dtype == INT4OPS_BF16) return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(scales) + idx));
+  return __ldg(static_cast<const float*>(scales) + idx);
+}
+
+// The 8 codes of a packed word minus 8, as exact floats, in 2 ops per code (a LOP3 and an
+// FFMA) instead of shift + mask + slow int->float conversion + subtract:
+//   * OR-ing the nibble, left where it sits at bits 4j..4j+3 (j <= 3), into the mantissa of
+//     the float 2^23 (bits 0x4B000000) gives exactly v = 2^23 + q * 16^j.
+//   * fma(v, 16^-j, -(2^23 * 16^-j + 8)) = q - 8 exactly: v * 16^-j is exact (a power of
+//     two), and the FMA rounds once a result that is a small integer. Both constants are
+//     compile-time immediates after unrolling.
+// Codes 4..7 take the same path on word >> 16 (one shift shared by the four of them).
+// Why q - 8: that is the symmetric zero point, so symmetric weights need nothing more; an
+// asymmetric zero point z is applied per group as -(z - 8) * sum(x) (see the kernels).
+__device__ __forceinline__ void codes_minus_8(uint32_t word, float (&w)[8]) {
+  const uint32_t hi = word >> 16;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float inv = 1.0f / (float)(1 << (4 * j));
+    const float bias = 8388608.0f * inv + 8.0f;
+    w[j] = fmaf(__uint_as_float((word & (0xFu << (4 * j))) | 0x4B000000u), inv, -bias);
+    w[j + 4] = fmaf(__uint_as_float((hi & (0xFu << (4 * j))) | 0x4B000000u), inv, -bias);
+  }
+}
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace int4ops

@@ -1,0 +1,34 @@
+"""A few small calls of every kernel, for `compute-sanitizer --tool memcheck` (run on a GPU).
+
+    compute-sanitizer --tool memcheck python csrc/tools/memcheck_cuda.py
+"""
+
+import logging
+
+import torch
+
+from int4ops import quantize_rtn, w4a16_matmul_reference
+from int4ops.kernels import cuda
+
+log = logging.getLogger("memcheck_cuda")
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    for n, k, gs, sym in [(3, 72, 32, False), (129, 200, 64, True), (256, 1000, 128, False), (67, 300, -1, False)]:
+        w = quantize_rtn(torch.randn(n, k, device="cuda") * 0.05, group_size=gs, sym=sym)
+        for m in (1, 3, 8, 9):
+            for dtype in (torch.float16, torch.bfloat16):
+                # Exact-size allocations so out-of-bounds accesses hit unallocated memory.
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
+                err = ((y.float() - w4a16_matmul_reference(x.float(), w)).norm() / w4a16_matmul_reference(x.float(), w).norm()).item()
+                log.info("N=%d K=%d gs=%d sym=%s M=%d %s rel_err=%.2e", n, k, gs, sym, m, dtype, err)
+        cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
+    torch.cuda.synchronize()
+    log.info("done")
+
+
+if __name__ == "__main__":
+    main()
