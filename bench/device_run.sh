@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine, from the repo root:  bash bench/device_run.sh
+#   OUT=dir       where results go (default bench/results/run); at most 6 files, no subfolders
+#   QUICK=1       fewer shapes/M and decode steps (~4 min instead of ~8)
+#   SKIP_TESTS=1  SKIP_KERNELS=1  SKIP_E2E=1  SKIP_INSTALL=1  skip a stage
+#   DRY=1         CPU dry run of this script (no install, tiny shapes and model, --device cpu)
+# Stages: nvidia-smi, pip install (builds the CUDA library), GPU tests, kernel benchmark,
+# end-to-end 8B (fp16 vs int4) and 70B (int4), then the markdown report, printed last.
+# Every stage has a time limit, so the whole script ends in under 9.5 minutes; a failing
+# stage is reported and the next one still runs.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/run}
+QUICK=${QUICK:-0}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+exec > >(tee "$OUT/device_run.log") 2>&1
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+stage() { echo; echo "=== [$(elapsed)s] $*"; }
+# run_limited SECONDS cmd...: the stage gets at most SECONDS, and never past 560 s overall.
+run_limited() {
+  local want=$1; shift
+  local left=$(( 560 - $(elapsed) ))
+  local lim=$(( want < left ? want : left ))
+  if (( lim < 15 )); then echo "skipped: only ${left}s left of the 9.5 min budget"; return 124; fi
+  timeout --signal=TERM --kill-after=10 "$lim" "$@"
+  local rc=$?
+  (( rc == 124 )) && echo "stage hit its ${lim}s limit"
+  return $rc
+}
+
+# Seconds kept back for the end-to-end stages (8B, 70B) when the kernel sweep is sized.
+E2E_RESERVE=${E2E_RESERVE:-230}
+if [[ "$QUICK" == 1 ]]; then
+  KARGS="--quick"; TLIM_K=90; E2E8="--decode-steps 32"; E2E70="--decode-steps 16 --prefill-len 512"
+else
+  KARGS=""; TLIM_K=170; E2E8="--decode-steps 128"; E2E70="--decode-steps 32"
+fi
+if [[ "${DRY:-0}" == 1 ]]; then
+  SKIP_INSTALL=1; KARGS="--device cpu --quick --budget 0.02 --reps 3"; TLIM_K=60
+  E2E8="--model tiny --device cpu --decode-steps 4 --prefill-len 32"; E2E70="--model tiny --weights int4 --device cpu --decode-steps 4 --prefill-len 32"
+fi
+
+stage "machine"
+nvidia-smi || true
+$PY - <<'EOF' || true
+import torch, platform
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e: print("triton:", e)
+try:
+    import transformers; print("transformers", transformers.__version__)
+except Exception as e: print("transformers:", e)
+EOF
+
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+  stage "pip install --no-build-isolation --no-deps ."
+  run_limited 200 $PY -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 25
+  echo "pip install rc=$?"
+fi
+$PY -c "import int4ops, int4ops.kernels.cuda as c; print('int4ops', int4ops.__file__); print('cuda library', c.library_info())" || true
+
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  stage "GPU tests (pytest -m gpu tests)"
+  run_limited 120 $PY -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+  echo "gpu tests rc=$?"
+fi
+
+GPU=$($PY -c "import torch,re; n=torch.cuda.get_device_name(0).replace('NVIDIA',''); print(re.sub('[^a-z0-9]+','-',n.lower()).strip('-'))" 2>/dev/null || echo gpu)
+DATE=$(date -u +%Y-%m-%d)
+KJSON="$OUT/kernels_${GPU}_${DATE}.json"
+EJSON="$OUT/e2e_${GPU}_${DATE}.json"
+rm -f "$EJSON"
+
+if [[ "${SKIP_KERNELS:-0}" != 1 ]]; then
+  # The sweep starts no new shape after TLIM seconds: at most TLIM_K, and less when the
+  # earlier stages ran long, so that E2E_RESERVE seconds stay for the end-to-end runs.
+  TLIM=$(( 560 - $(elapsed) - E2E_RESERVE - 40 )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
+  stage "kernel benchmark (python -m bench.kernels $KARGS --time-limit $TLIM)"
+  run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$KJSON" >/dev/null
+  echo "kernels rc=$?"
+fi
+
+if [[ "${SKIP_E2E:-0}" != 1 ]]; then
+  stage "end to end: Llama-3-8B fp16 vs int4"
+  run_limited $(( 560 - $(elapsed) - 90 )) $PY -m bench.e2e --model 8b $E2E8 --out "$EJSON" >/dev/null
+  echo "e2e 8b rc=$?"
+  stage "end to end: Llama-3-70B int4 (built directly in int4)"
+  run_limited $(( 560 - $(elapsed) - 10 )) $PY -m bench.e2e --model 70b $E2E70 --out "$EJSON" >/dev/null
+  echo "e2e 70b rc=$?"
+fi
+
+stage "report"
+FILES=""; for f in "$KJSON" "$EJSON"; do [[ -f "$f" ]] && FILES="$FILES $f"; done
+if [[ -n "$FILES" ]]; then
+  # writes kernels_*.png next to the kernel JSON and report.md; the markdown is printed last
+  $PY -m bench.report $FILES --out "$OUT/report.md" >/dev/null
+  echo "report rc=$? | files in $OUT:"; ls -la "$OUT"
+  echo "=== [$(elapsed)s] done"
+  echo
+  cat "$OUT/report.md"
+else
+  echo "no results to report"; ls -la "$OUT"
+fi

@@ -1,0 +1,169 @@
+"""CPU smoke tests of the benchmark code (bench/): bytes accounting, roofline math, report and
+plot generation from a small synthetic results dict, CLI parsing, and one tiny CPU dry run."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import common, e2e, kernels, report  # noqa: E402
+from int4ops import quantize_rtn  # noqa: E402
+
+
+@pytest.mark.parametrize("n,k,gs,sym", [(40, 172, 128, False), (40, 172, 32, True), (24, 100, -1, False), (64, 256, 64, False)])
+def test_int4_bytes_match_the_packed_format(n, k, gs, sym):
+    w = quantize_rtn(torch.randn(n, k), gs, sym=sym, scale_dtype=torch.float16)
+    assert common.int4_weight_bytes(n, k, gs, sym) == w.nbytes
+
+
+def test_point_bytes_and_flops():
+    m, n, k = 16, 4096, 4096
+    act = (m * k + m * n) * 2
+    assert common.point_bytes("dense", m, n, k) == n * k * 2 + act
+    assert common.point_bytes("int4", m, n, k, 128, False) == n * k // 2 + (k // 128) * n * 3 + act
+    assert common.point_bytes("int4", m, n, k, 128, True) == n * k // 2 + (k // 128) * n * 2 + act
+    assert common.flops(m, n, k) == 2 * m * n * k
+
+
+def test_roofline_and_derive():
+    # memory bound: 1 GB at 1 TB/s = 1 ms; compute bound: 1 PFLOP at 1 PFLOP/s = 1 s
+    assert common.roofline_time_s(1e9, 1e9, 1e12, 1e15) == pytest.approx(1e-3)
+    assert common.roofline_time_s(1e9, 1e15, 1e12, 1e15) == pytest.approx(1.0)
+    p = common.derive({"ms": 0.5, "bytes": 1e9, "flops": 1e12}, 4e12, None, 1.0)
+    assert p["gbps"] == pytest.approx(2000)
+    assert p["pct_bw"] == pytest.approx(50)
+    assert p["tflops"] == pytest.approx(2000)  # 1e12 FLOP in 0.5 ms
+    assert p["speedup"] == pytest.approx(2)
+    assert "speedup" not in common.derive({"ms": 1.0, "bytes": 1, "flops": 1}, None, None, None)
+
+
+def test_copies_exceed_twice_l2():
+    l2 = 50 << 20
+    for nbytes in (1 << 20, 9 << 20, 60 << 20, 500 << 20):
+        c = common.copies_for(nbytes, l2)
+        assert c * nbytes > 2 * l2 and c >= 1
+    assert common.copies_for(1 << 20, 0) == 1  # CPU: no L2 to defeat
+
+
+def test_quantiles():
+    q = common.quantiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert q["ms"] == 3.0 and q["p10"] == pytest.approx(1.4) and q["p90"] == pytest.approx(4.6) and q["reps"] == 5
+    assert common.quantiles([2.0])["ms"] == 2.0
+
+
+def test_bench_calls_wall_clock_on_cpu():
+    calls = []
+    t = common.bench_calls([lambda: calls.append(1)] * 3, torch.device("cpu"), min_calls=6, reps=4, warmup=1, budget_s=0.01)
+    assert t["method"] == "wall-clock" and t["calls"] == 6 and 2 <= t["reps"] <= 4
+    assert len(calls) == 6 * (1 + t["reps"])
+
+
+def test_table_and_slug():
+    md = common.table(["a", "b"], [[1, "x"], [22, "yy"]], markdown=True)
+    assert md.splitlines()[0] == "| a | b |" and md.splitlines()[2] == "| 1 | x |"
+    txt = common.table(["a", "b"], [[1, "x"]])
+    assert txt.splitlines()[1].startswith("-")
+    assert common.slug(" H100 80GB HBM3") == "h100-80gb-hbm3"
+    info = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-22T03:00:00Z"}
+    assert common.default_out("kernels", info) == "bench/results/kernels_h100-80gb-hbm3_2026-11-22.json"
+
+
+def test_kernels_cli_parsing():
+    a = kernels.parse_args(["--dtypes", "bf16", "--shapes", "4096x4096,1000x300", "--ms", "1,16", "--quick"])
+    assert a.dtypes == [torch.bfloat16]
+    assert a.shapes == [("8B o", 4096, 4096), ("1000x300", 1000, 300)]
+    assert a.ms == [1, 16] and a.quick and a.group_size == 128 and not a.sym
+    d = kernels.parse_args([])
+    assert d.dtypes == [torch.float16, torch.bfloat16] and d.shapes is None and d.backends is None
+    assert {(n, k) for _, n, k in kernels.SHAPES} == {(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (28672, 8192)}
+    assert kernels.MS == [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def test_e2e_cli_parsing():
+    a = e2e.parse_args(["--model", "70b"])
+    assert a.weights == ["int4"] and a.batches == [1, 16] and a.cache_len % 64 == 0
+    assert a.cache_len >= a.prompt_len + a.decode_steps + 4
+    b = e2e.parse_args(["--model", "8b", "--batches", "1", "--decode-steps", "10"])
+    assert b.weights == ["fp16", "int4"] and b.batches == [1]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--weights", "int8"])
+    c = e2e.llama_config("70b")
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads) == (8192, 28672, 80, 8)
+
+
+def _synthetic_kernels_doc():
+    res = []
+    for dt in ("fp16", "bf16"):
+        for m in (1, 16):
+            for b, ms in (("cublas", 0.04), ("triton", 0.015), ("cuda", 0.02)):
+                kind = "dense" if b == "cublas" else "int4"
+                res.append({"shape": "8B o", "n": 4096, "k": 4096, "m": m, "dtype": dt, "group_size": 128, "sym": False,
+                            "backend": b, "bytes": common.point_bytes(kind, m, 4096, 4096), "flops": common.flops(m, 4096, 4096),
+                            "ms": ms * (1 + m / 64), "p10": ms, "p90": ms, "note": "", "rel_err": None if b == "cublas" else 1e-3})
+    res.append({"shape": "8B o", "n": 4096, "k": 4096, "m": 16, "dtype": "bf16", "group_size": 128, "sym": False,
+                "backend": "torch-int4pack", "bytes": 1, "flops": 1, "ms": None, "error": "RuntimeError: boom", "note": ""})
+    doc = {"kind": "kernels", "env": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+                                      "int4ops": "0.1.0", "date": "2026-11-22T03:00:00Z"},
+           "method": "CUDA events around replays of a captured CUDA graph", "args": {"group_size": 128, "sym": False},
+           "bandwidth": {"gbps": 3000.0}, "matmul_peak": {"fp16": {"tflops": 700.0}, "bf16": {"tflops": 750.0}},
+           "skipped": [{"backend": "gemlite", "reason": "not importable (ModuleNotFoundError)"}], "results": res,
+           "left_out": ["70B gate_up 28672x8192 bf16 (time limit 170s)"]}
+    kernels.add_derived(res, doc["bandwidth"], doc["matmul_peak"])
+    return doc
+
+
+def test_add_derived_speedup_and_bound():
+    doc = _synthetic_kernels_doc()
+    tri = next(p for p in doc["results"] if p["backend"] == "triton" and p["m"] == 1 and p["dtype"] == "fp16")
+    cub = next(p for p in doc["results"] if p["backend"] == "cublas" and p["m"] == 1 and p["dtype"] == "fp16")
+    assert tri["speedup"] == pytest.approx(cub["ms"] / tri["ms"])
+    assert tri["pct_bw"] == pytest.approx(100 * tri["bytes"] / (tri["ms"] * 1e-3) / 3e12)
+    bound_ms = tri["bytes"] / 3e12 * 1e3  # memory-bound at M = 1
+    assert tri["roofline_ms"] == pytest.approx(bound_ms)
+    assert tri["bound_speedup"] == pytest.approx(cub["ms"] / bound_ms)
+
+
+def test_kernels_markdown_and_plot(tmp_path):
+    doc = _synthetic_kernels_doc()
+    md = report.kernels_markdown(doc)
+    assert "NVIDIA H100 80GB HBM3" in md and "#### fp16" in md and "#### bf16" in md
+    assert "| 8B o (4096x4096) | 1 |" in md
+    assert "x, " in md and "Skipped: gemlite" in md and "Errors (1 points)" in md and "Left out" in md
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(doc))
+    assert report.main([str(path), "--no-plot", "--out", str(tmp_path / "k.md")]) == 0
+    assert (tmp_path / "k.md").read_text().startswith("### W4A16 kernels")
+    pytest.importorskip("matplotlib")
+    png = report.plot_kernels(doc, tmp_path / "k.png")
+    assert png and png.stat().st_size > 1000
+
+
+def test_e2e_markdown():
+    doc = {"kind": "e2e", "env": {"gpu": "NVIDIA H100 80GB HBM3"}, "method": "m", "args": {},
+           "runs": [{"model": "Llama-3-8B-shaped", "weights": "fp16", "weight_gib": 14.96, "peak_gib": 15.5,
+                     "decode_bs1_tok_s": 150.0, "decode_bs16_tok_s": 2000.0, "prefill_tok_s": 9000.0,
+                     "decode_method": "cuda-graph", "notes": ["a note"]}]}
+    md = report.markdown(doc)
+    assert "| Llama-3-8B-shaped | fp16 | 14.96 | 15.50 | 150.0 | 2000.0 | 9000 | cuda-graph |" in md and "a note" in md
+    with pytest.raises(ValueError):
+        report.markdown({"kind": "nope"})
+
+
+def test_kernels_cpu_dry_run(tmp_path):
+    """The whole kernels pipeline on CPU with one tiny shape (reference backend, wall clock)."""
+    out = tmp_path / "k.json"
+    rc = kernels.main(["--device", "cpu", "--shapes", "64x256", "--ms", "1,3", "--dtypes", "bf16", "--budget", "0.01",
+                       "--reps", "2", "--backends", "cublas,reference,dequant+cublas,torch-int4pack", "--no-plot",
+                       "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    got = {(p["backend"], p["m"]) for p in doc["results"] if p.get("ms")}
+    assert {("cublas", 1), ("reference", 3), ("dequant+cublas", 1), ("torch-int4pack", 3)} <= got
+    assert all(p["rel_err"] < 1e-2 for p in doc["results"] if p.get("rel_err") is not None)
+    assert doc["env"]["torch"] == torch.__version__ and doc["bandwidth"]["gbps"] > 0
