@@ -60,16 +60,19 @@ __global__ void __launch_bounds__(256) dequantize_kernel(DequantArgs a) {
     for (int j = 0; j < 8; ++j) {
       const int k = row * 8 + j;
       if (k >= a.K) break;  // out has exactly K rows; the padding codes are not written
-      T v[4];
+      union {  // 4 values packed for one store; the union keeps the vector's alignment
+        T e[4];
+        typename Vec4<T>::type vec;
+      } v;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = from_float<T>(w[c][j] * s[c]);
+      for (int c = 0; c < 4; ++c) v.e[c] = from_float<T>(w[c][j] * s[c]);
       T* o = out + (size_t)k * a.N + n0;
       if (full && a.out_vec) {
-        *reinterpret_cast<typename Vec4<T>::type*>(o) = *reinterpret_cast<const typename Vec4<T>::type*>(v);
+        *reinterpret_cast<typename Vec4<T>::type*>(o) = v.vec;
       } else {
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          if (n0 + c < a.N) o[c] = v[c];
+          if (n0 + c < a.N) o[c] = v.e[c];
       }
     }
   }

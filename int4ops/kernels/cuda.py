@@ -208,8 +208,14 @@ def library_info() -> dict:
     return info
 
 
+_ready: dict = {}  # (INT4OPS_CUDA_LIB, device) -> why_unavailable(); keeps the hot path cheap
+
+
 def _ready_lib(x: torch.Tensor) -> _Lib:
-    why = why_unavailable(x)
+    key = (os.environ.get(ENV_LIB), x.device)
+    why = _ready.get(key)
+    if why is None:
+        why = _ready[key] = why_unavailable(x)
     if why:
         raise RuntimeError(f"int4ops cuda: unavailable: {why}")
     return _lib()
