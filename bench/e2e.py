@@ -55,7 +55,8 @@ DEFAULT_WEIGHTS = {"8b": "fp16,int4", "70b": "int4", "tiny": "fp16,int4"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="8b", choices=sorted(CONFIGS))
-    p.add_argument("--weights", default=None, help="comma list of fp16,int4 (default: 8b fp16,int4; 70b int4)")
+    p.add_argument("--weights", default=None, help="comma list of fp16 (dense, in --dtype) and int4 "
+                   "(default: 8b fp16,int4; 70b int4)")
     p.add_argument("--device", default=None)
     p.add_argument("--batches", default="1,16", help="decode batch sizes")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding")
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-len", type=int, default=2048, help="tokens in the prefill measurement (0 = skip)")
     p.add_argument("--cache-len", type=int, default=None, help="static KV-cache slots (default prompt + steps + 8, "
                    "rounded up to 64)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="model/activation dtype")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--sym", action="store_true")
     p.add_argument("--backend", default="auto", help="int4ops backend for QuantLinear (auto/triton/cuda/reference)")
@@ -196,13 +198,18 @@ def make_static_cache(model, batch, max_len, device, dtype):
 
 
 @torch.no_grad()
-def decode_tok_s(model, batch, prompt_len, steps, cache_len, device, dtype, use_graph=True) -> dict:
-    """Greedy decode over a StaticCache; returns tokens/s (batch * steps / time) and how it was timed."""
+def decode_tok_s(model, batch, prompt_len, steps, cache_len, device, dtype, use_graph=True, prompt=None,
+                 trace=None) -> dict:
+    """Greedy decode over a StaticCache; returns tokens/s (batch * steps / time) and how it was timed.
+
+    ``prompt`` [batch, prompt_len] defaults to random ids; with a list as ``trace``, every token
+    produced (prefill's, warm-ups', timed steps') is appended to it, for checking the loop
+    against ``model.generate`` (tests do, on CPU)."""
     assert prompt_len + steps + 4 <= cache_len, "static cache too short"
     cache = make_static_cache(model, batch, cache_len, device, dtype)
     takes_cpos = "cache_position" in forward_kwargs(model)
     kw = logits_kw(model)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    ids = prompt if prompt is not None else torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     pos = torch.arange(prompt_len, device=device)
     extra = {"cache_position": pos} if takes_cpos else {}
     out = model(input_ids=ids, position_ids=pos.unsqueeze(0).expand(batch, -1), past_key_values=cache,
@@ -218,13 +225,21 @@ def decode_tok_s(model, batch, prompt_len, steps, cache_len, device, dtype, use_
         tok.copy_(o.logits[:, -1].argmax(-1, keepdim=True))
         cpos.add_(1)
 
-    method, run = "eager", step
+    def traced(fn):
+        def run():
+            fn()
+            trace.append(tok.clone())
+        return run if trace is not None else fn
+
+    if trace is not None:
+        trace.append(tok.clone())
+    method, run = "eager", traced(step)
     if device.type == "cuda":
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                step()
+                run()
         torch.cuda.current_stream().wait_stream(s)
         sync(device)
         if use_graph:
@@ -232,14 +247,14 @@ def decode_tok_s(model, batch, prompt_len, steps, cache_len, device, dtype, use_
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     step()
-                run, method = g.replay, "cuda-graph"
+                run, method = traced(g.replay), "cuda-graph"
             except Exception as e:  # noqa: BLE001
                 log.warning("decode graph capture failed (%s: %s); timing eager steps", type(e).__name__, str(e)[:300])
                 method = f"eager (graph capture failed: {type(e).__name__})"
                 sync(device)
     else:
         for _ in range(2):
-            step()
+            run()
     # Positions advance inside the step: warm-up steps (and nothing during capture) consumed slots.
     for _ in range(2):
         run()
@@ -317,7 +332,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.setup_logging(args.verbose)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float16
+    dtype = common.DTYPES[args.dtype]
     info = common.env_info(device)
     import int4ops
 
@@ -342,8 +357,8 @@ def main(argv=None) -> int:
     model = None
     for weights in args.weights:
         run = {"model": f"Llama-3-{args.model.upper()}-shaped" if args.model != "tiny" else "tiny Llama (dry run)",
-               "weights": weights, "layers": cfg.num_hidden_layers, "notes": [],
-               "setup": f"prompt {args.prompt_len}, {args.decode_steps} decode steps, static cache {args.cache_len}, "
+               "weights": args.dtype if weights == "fp16" else weights, "layers": cfg.num_hidden_layers, "notes": [],
+               "setup": f"{args.dtype} activations, prompt {args.prompt_len}, {args.decode_steps} decode steps, static cache {args.cache_len}, "
                         f"prefill {args.prefill_len}"}
         if args.layers:
             run["notes"].append(f"DEBUG: only {args.layers} layers, not a headline number")
@@ -390,7 +405,7 @@ def method_text(args, device) -> str:
     if device.type != "cuda":
         return "CPU dry run: eager steps, wall clock (numbers are meaningless; checks the code paths)"
     how = "eager steps" if args.no_graph else "one decode step (forward + argmax + feed back) captured in a CUDA graph"
-    return (f"Hugging Face LlamaForCausalLM (sdpa), random weights, fp16 activations; decode: greedy, StaticCache of "
+    return (f"Hugging Face LlamaForCausalLM (sdpa), random weights, {args.dtype} activations; decode: greedy, StaticCache of "
             f"{args.cache_len} slots, prompt {args.prompt_len} tokens, {how}, {args.decode_steps} steps timed with "
             f"CUDA events; prefill: one forward of {args.prefill_len} tokens at batch 1, median of 3")
 

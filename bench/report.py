@@ -120,17 +120,30 @@ def _shape_order(res: list[dict]) -> list[tuple[str, int, int]]:
 
 def e2e_markdown(doc: dict) -> str:
     lines = [f"### End to end: {header_markdown(doc)}", "", f"Method: {doc.get('method', '')}.", ""]
+    runs = doc["runs"]
+    batches = sorted({int(k[len("decode_bs"):-len("_tok_s")]) for r in runs for k in r
+                      if k.startswith("decode_bs") and k.endswith("_tok_s")})
     rows = []
-    for r in doc["runs"]:
-        rows.append([
-            r["model"], r["weights"], fmt(r.get("weight_gib", r.get("param_gib")), ".2f"), fmt(r.get("peak_gib"), ".2f"),
-            fmt(r.get("decode_bs1_tok_s"), ".1f"), fmt(r.get("decode_bs16_tok_s"), ".1f"),
-            fmt(r.get("prefill_tok_s"), ".0f"), r.get("decode_method", "-"), r.get("setup", "-"),
-        ])
-    lines.append(table(["model", "weights", "weights GiB", "peak GiB", "decode bs1 tok/s", "decode bs16 tok/s",
-                        "prefill tok/s", "decode timing", "setup"],
-                       rows, markdown=True))
-    notes = [f"{r['model']} {r['weights']}: {n}" for r in doc["runs"] for n in r.get("notes", [])]
+    for r in runs:
+        rows.append([r["model"], r["weights"], fmt(r.get("weight_gib", r.get("param_gib")), ".2f"), fmt(r.get("peak_gib"), ".2f")]
+                    + [fmt(r.get(f"decode_bs{b}_tok_s"), ".1f") for b in batches]
+                    + [fmt(r.get("prefill_tok_s"), ".0f"), r.get("decode_method", "-"), r.get("setup", "-")])
+    lines.append(table(["model", "weights", "weights GiB", "peak GiB"] + [f"decode bs{b} tok/s" for b in batches]
+                       + ["prefill tok/s", "decode timing", "setup"], rows, markdown=True))
+    for model in dict.fromkeys(r["model"] for r in runs):
+        dense = [r for r in runs if r["model"] == model and not r["weights"].startswith("int4")]
+        quant = [r for r in runs if r["model"] == model and r["weights"].startswith("int4")]
+        if dense and quant:
+            d, q = dense[-1], quant[-1]
+            ratios = [f"{key} {q[k] / d[k]:.2f}x" for key, k in
+                      [(f"decode bs{b}", f"decode_bs{b}_tok_s") for b in batches] + [("prefill", "prefill_tok_s")]
+                      if q.get(k) and d.get(k)]
+            w = d.get("weight_gib", d.get("param_gib")), q.get("weight_gib", q.get("param_gib"))
+            if w[0] and w[1]:
+                ratios.append(f"weights {w[0] / w[1]:.2f}x smaller")
+            if ratios:
+                lines += ["", f"{model}, {q['weights']} vs {d['weights']}: " + ", ".join(ratios) + "."]
+    notes = [f"{r['model']} {r['weights']}: {n}" for r in runs for n in r.get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
