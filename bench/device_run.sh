@@ -2,6 +2,7 @@
 # The one command for the GPU machine, from the repo root:  bash bench/device_run.sh
 #   OUT=dir       where results go (default bench/results/run); at most 6 files, no subfolders
 #   QUICK=1       fewer shapes/M and decode steps (~4 min instead of ~8)
+#   ARCHS=90      CUDA architectures the install builds (default 90: H100/H200)
 #   SKIP_TESTS=1  SKIP_KERNELS=1  SKIP_E2E=1  SKIP_INSTALL=1  skip a stage
 #   DRY=1         CPU dry run of this script (no install, tiny shapes and model, --device cpu)
 # Stages: nvidia-smi, pip install (builds the CUDA library), GPU tests, kernel benchmark,
@@ -16,14 +17,15 @@ QUICK=${QUICK:-0}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 T0=$(date +%s)
+BUDGET=${BUDGET:-545}
 exec > >(tee "$OUT/device_run.log") 2>&1
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stage() { echo; echo "=== [$(elapsed)s] $*"; }
-# run_limited SECONDS cmd...: the stage gets at most SECONDS, and never past 560 s overall.
+# run_limited SECONDS cmd...: the stage gets at most SECONDS, and never past BUDGET seconds overall (default 545: the report and slack fit in 9.5 min).
 run_limited() {
   local want=$1; shift
-  local left=$(( 560 - $(elapsed) ))
+  local left=$(( BUDGET - $(elapsed) ))
   local lim=$(( want < left ? want : left ))
   if (( lim < 15 )); then echo "skipped: only ${left}s left of the 9.5 min budget"; return 124; fi
   timeout --signal=TERM --kill-after=10 "$lim" "$@"
@@ -33,7 +35,7 @@ run_limited() {
 }
 
 # Seconds kept back for the end-to-end stages (8B, 70B) when the kernel sweep is sized.
-E2E_RESERVE=${E2E_RESERVE:-230}
+E2E_RESERVE=${E2E_RESERVE:-180}
 if [[ "$QUICK" == 1 ]]; then
   KARGS="--quick"; TLIM_K=90; E2E8="--decode-steps 32"; E2E70="--decode-steps 16 --prefill-len 512"
 else
@@ -59,15 +61,22 @@ except Exception as e: print("transformers:", e)
 EOF
 
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
-  stage "pip install --no-build-isolation --no-deps ."
-  run_limited 200 $PY -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 25
+  # ARCHS: CUDA architectures to build (H100/H200 are sm_90; fewer archs build faster).
+  stage "pip install --no-build-isolation --no-deps . (CUDA archs ${ARCHS:-90})"
+  CMAKE_ARGS="-DINT4OPS_CUDA_ARCHS=${ARCHS:-90} ${CMAKE_ARGS:-}" \
+    run_limited 200 $PY -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 25
   echo "pip install rc=$?"
+  # Tests and benchmarks run from this checkout (they import ./int4ops); point the loader at
+  # the library the install built, wherever it went.
+  LIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")/int4ops/lib/libint4ops_cuda.so
+  if [[ -z "${INT4OPS_CUDA_LIB:-}" && -f "$LIB" ]]; then export INT4OPS_CUDA_LIB=$LIB; fi
 fi
+echo "INT4OPS_CUDA_LIB=${INT4OPS_CUDA_LIB:-<unset: default search>}"
 $PY -c "import int4ops, int4ops.kernels.cuda as c; print('int4ops', int4ops.__file__); print('cuda library', c.library_info())" || true
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   stage "GPU tests (pytest -m gpu tests)"
-  run_limited 120 $PY -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+  run_limited 120 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
   echo "gpu tests rc=$?"
 fi
 
@@ -80,7 +89,7 @@ rm -f "$EJSON"
 if [[ "${SKIP_KERNELS:-0}" != 1 ]]; then
   # The sweep starts no new shape after TLIM seconds: at most TLIM_K, and less when the
   # earlier stages ran long, so that E2E_RESERVE seconds stay for the end-to-end runs.
-  TLIM=$(( 560 - $(elapsed) - E2E_RESERVE - 40 )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
+  TLIM=$(( BUDGET - $(elapsed) - E2E_RESERVE - 40 )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
   stage "kernel benchmark (python -m bench.kernels $KARGS --time-limit $TLIM)"
   run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$KJSON" >/dev/null
   echo "kernels rc=$?"
@@ -88,10 +97,10 @@ fi
 
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   stage "end to end: Llama-3-8B fp16 vs int4"
-  run_limited $(( 560 - $(elapsed) - 90 )) $PY -m bench.e2e --model 8b $E2E8 --out "$EJSON" >/dev/null
+  run_limited $(( BUDGET - $(elapsed) - 90 )) $PY -m bench.e2e --model 8b $E2E8 --out "$EJSON" >/dev/null
   echo "e2e 8b rc=$?"
   stage "end to end: Llama-3-70B int4 (built directly in int4)"
-  run_limited $(( 560 - $(elapsed) - 10 )) $PY -m bench.e2e --model 70b $E2E70 --out "$EJSON" >/dev/null
+  run_limited $(( BUDGET - $(elapsed) - 10 )) $PY -m bench.e2e --model 70b $E2E70 --out "$EJSON" >/dev/null
   echo "e2e 70b rc=$?"
 fi
 

@@ -174,10 +174,12 @@ def logits_kw(model) -> dict:
 
 @torch.no_grad()
 def prefill_tok_s(model, n_tokens, device) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), device=device)
+    """Prefill throughput; also returns the last-token logits (fixed-seed prompt) for comparing models."""
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(1)).to(device)
     kw = logits_kw(model)
     out = model(input_ids=ids, use_cache=False, **kw)  # warm-up (kernel autotuning, cuBLAS handles)
-    finite = bool(torch.isfinite(out.logits).all())
+    last = out.logits[0, -1].float().cpu()
+    finite = bool(torch.isfinite(last).all())
     times = []
     for _ in range(3):
         start, stop = timer(device)
@@ -185,7 +187,7 @@ def prefill_tok_s(model, n_tokens, device) -> dict:
         model(input_ids=ids, use_cache=False, **kw)
         times.append(stop())
     ms = statistics.median(times)
-    return {"prefill_ms": ms, "prefill_tok_s": n_tokens / (ms * 1e-3), "prefill_logits_finite": finite}
+    return {"prefill_ms": ms, "prefill_tok_s": n_tokens / (ms * 1e-3), "prefill_logits_finite": finite, "_logits": last}
 
 
 def make_static_cache(model, batch, max_len, device, dtype):
@@ -277,7 +279,7 @@ def mem_allocated(device) -> float | None:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
 
-def measure(model, label, args, device, dtype, run: dict) -> dict:
+def measure(model, label, args, device, dtype, run: dict, ref_logits=None) -> dict:
     """Prefill and decode measurements for one model state; fills ``run``."""
     if device.type == "cuda":
         gc.collect()
@@ -289,7 +291,13 @@ def measure(model, label, args, device, dtype, run: dict) -> dict:
     run["param_gib"] = gib(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
     if args.prefill_len:
         try:
-            run.update(prefill_tok_s(model, args.prefill_len, device))
+            r = prefill_tok_s(model, args.prefill_len, device)
+            logits = r.pop("_logits")
+            run.update(r)
+            if ref_logits is not None:  # int4 after fp16 on the same model: how far did quantization move it?
+                run["logits_rel_err_vs_dense"] = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+                run["top1_same_as_dense"] = bool(logits.argmax() == ref_logits.argmax())
+            run["_logits"] = logits
             log.info("%s %s prefill %d tokens: %.0f tok/s", args.model, label, args.prefill_len, run["prefill_tok_s"])
         except Exception as e:  # noqa: BLE001
             run.setdefault("notes", []).append(f"prefill failed: {type(e).__name__}: {str(e)[:200]}")
@@ -354,7 +362,7 @@ def main(argv=None) -> int:
         doc["runs"] = earlier + runs
         out.write_text(json.dumps(doc, indent=1))
 
-    model = None
+    model = ref_logits = None
     for weights in args.weights:
         run = {"model": f"Llama-3-{args.model.upper()}-shaped" if args.model != "tiny" else "tiny Llama (dry run)",
                "weights": args.dtype if weights == "fp16" else weights, "layers": cfg.num_hidden_layers, "notes": [],
@@ -389,7 +397,10 @@ def main(argv=None) -> int:
             run["weights"] = f"int4 g{args.group_size} {'sym' if args.sym else 'asym'} ({run['int4_backend']})"
         log.info("%s %s built in %.1fs", args.model, weights, run["build_s"])
         save()
-        measure(model, weights, args, device, dtype, run)
+        measure(model, weights, args, device, dtype, run, ref_logits if weights == "int4" else None)
+        logits = run.pop("_logits", None)
+        if weights == "fp16":
+            ref_logits = logits
         save()
     del model
     gc.collect()
