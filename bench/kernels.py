@@ -98,7 +98,7 @@ def int4_backends(device: torch.device) -> tuple[list[str], list[dict]]:
     try:
         from int4ops.kernels import triton_w4a16
 
-        if device.type == "cuda" and triton_w4a16.available(device):
+        if triton_w4a16.available(device):  # on CPU only under TRITON_INTERPRET=1 (slow: opt in with --backends)
             ok.append("triton")
         else:
             skipped.append({"backend": "triton", "reason": f"not available on {device}"})
@@ -328,6 +328,9 @@ def main(argv=None) -> int:
     import int4ops  # noqa: F401  (registers torch.ops.int4ops)
 
     backends, skipped = int4_backends(device)
+    if on_cpu and "triton" in backends and not (args.backends and "triton" in args.backends):
+        backends.remove("triton")
+        skipped.append({"backend": "triton", "reason": "CPU interpreter: only with --backends triton"})
     if args.with_reference or on_cpu:
         backends.append("reference")
     peers, peer_skips = optional_peers()

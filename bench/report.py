@@ -70,7 +70,7 @@ def kernels_markdown(doc: dict) -> str:
         cols = [b for b in backends if any(p["backend"] == b and p["dtype"] == dt for p in res)]
         idx = {(p["shape"], p["m"], p["backend"]): p for p in res if p["dtype"] == dt}
         for shape, n, k, m in keys:
-            row = [f"{shape} ({n}x{k})", m] + [cell(idx.get((shape, m, b)), base=(b == "cublas")) for b in cols]
+            row = [shape if shape == f"{n}x{k}" else f"{shape} ({n}x{k})", m] + [cell(idx.get((shape, m, b)), base=(b == "cublas")) for b in cols]
             bound = next((p.get("bound_speedup") for b in cols if (p := idx.get((shape, m, b))) and b != "cublas"), None)
             rows.append(row + [fmt(bound, ".2f") + "x" if bound else "-"])
         lines += ["", f"#### {dt}", "", table(["shape (NxK)", "M"] + [LABEL.get(b, b) for b in cols] + ["bound"], rows, markdown=True)]

@@ -198,3 +198,17 @@ def test_e2e_cpu_dry_run(tmp_path):
     assert all(r["decode_bs2_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in doc["runs"])
     assert "directly" in doc["runs"][2]["notes"][0]
     assert "| tiny Llama (dry run) |" in report.e2e_markdown(doc)
+
+
+@pytest.mark.slow
+def test_kernels_triton_backend_under_interpreter(tmp_path):
+    """The bench's Triton path (op with backend='triton'), GEMV and GEMM sizes, on the CPU interpreter."""
+    from int4ops.kernels import triton_w4a16
+
+    if not triton_w4a16.available(torch.device("cpu")):
+        pytest.skip("Triton interpreter unavailable")
+    out = tmp_path / "t.json"
+    assert kernels.main(["--device", "cpu", "--shapes", "32x128", "--ms", "1,64", "--dtypes", "fp16", "--budget", "0.01",
+                         "--reps", "1", "--backends", "triton", "--no-plot", "--out", str(out)]) == 0
+    pts = [p for p in json.loads(out.read_text())["results"] if p["backend"] == "triton"]
+    assert [p["m"] for p in pts] == [1, 64] and all(p["ms"] and p["rel_err"] < 2e-3 for p in pts)
