@@ -85,6 +85,14 @@ def kernels_markdown(doc: dict) -> str:
                   "dequantized reference: " + ", ".join(
                       f"{LABEL.get(b, b)} {d} {e:.1e}{' (ABOVE TEST TOLERANCE)' if e > tol.get(d, 1e-2) else ''}"
                       for (b, d), e in sorted(worst.items())) + "."]
+    timed = [p for p in res if p.get("ms") and p.get("p90") is not None]
+    if timed:
+        spread = sorted((p["p90"] - p["p10"]) / p["ms"] for p in timed)
+        methods = {}
+        for p in timed:
+            methods[p.get("method", "?")] = methods.get(p.get("method", "?"), 0) + 1
+        lines += ["", f"Timing spread (p90 - p10) / median over points: median {100 * spread[len(spread) // 2]:.1f}%, "
+                  f"worst {100 * spread[-1]:.1f}%. Timed by: " + ", ".join(f"{k} {v} points" for k, v in sorted(methods.items())) + "."]
     notes = sorted({p["note"] for p in res if p.get("note")})
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
