@@ -185,8 +185,15 @@ def why_unavailable(x=None) -> str:
 
 
 def available(device=None) -> bool:
-    """True when the library is loaded and its kernels can run on ``device`` (default: current)."""
-    return why_unavailable(device if device is not None else ("cuda" if torch.cuda.is_available() else None)) == ""
+    """True when the library is loaded and its kernels can run on ``device`` (default: current).
+
+    Cached per (INT4OPS_CUDA_LIB, device): the op asks this on every call.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return why_unavailable() == ""  # loads the library, reports "no CUDA device"
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _cached_why(_device_of(device)) == ""
 
 
 def library_info() -> dict:
@@ -211,11 +218,18 @@ def library_info() -> dict:
 _ready: dict = {}  # (INT4OPS_CUDA_LIB, device) -> why_unavailable(); keeps the hot path cheap
 
 
-def _ready_lib(x: torch.Tensor) -> _Lib:
-    key = (os.environ.get(ENV_LIB), x.device)
+def _cached_why(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (os.environ.get(ENV_LIB), device)
     why = _ready.get(key)
     if why is None:
-        why = _ready[key] = why_unavailable(x)
+        why = _ready[key] = why_unavailable(device)
+    return why
+
+
+def _ready_lib(x: torch.Tensor) -> _Lib:
+    why = _cached_why(x.device)
     if why:
         raise RuntimeError(f"int4ops cuda: unavailable: {why}")
     return _lib()
