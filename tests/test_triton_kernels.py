@@ -79,6 +79,10 @@ SPLIT_CASES = [
     ("gemm", (33, 96, 256, 64, False), dict(block_m=16, block_n=32, block_k=32, split_k=4)),
     ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, block_k=64, split_k=2, group_m=2)),
     ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, block_k=128, split_k=1)),
+    # the expanded-rows tile layout (heuristics pick the packed one)
+    ("gemm", (33, 96, 172, 32, True), dict(packed=False, block_m=16, block_n=32, block_k=32, split_k=2)),
+    ("gemm", (2, 33, 256, -1, False), dict(packed=False, block_m=16, block_n=64, block_k=64, split_k=1)),
+    ("gemm", (16, 96, 100, 128, False), dict(packed=False, block_m=32, block_n=32, block_k=128, split_k=3)),
 ]
 
 

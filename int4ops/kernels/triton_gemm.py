@@ -41,6 +41,7 @@ def w4a16_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides group_size, so a K-tile never straddles two groups
     GROUP_M: tl.constexpr,
+    PACKED: tl.constexpr,  # how the [BLOCK_K, BLOCK_N] weight tile is unpacked, see below
     DOT_DTYPE: tl.constexpr,  # x's dtype; fp32 for bf16 under the CPU interpreter (see launcher)
 ):
     pid = tl.program_id(0)
@@ -56,22 +57,36 @@ def w4a16_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    shifts = ((offs_k % 8) * 4)[:, None]
+    r = tl.arange(0, BLOCK_K)
+    if PACKED:
+        # Load the tile's BLOCK_K // 8 words once and expand them in registers into an [8, BLOCK_K // 8,
+        # BLOCK_N] block (code j of word i at [j, i]) reshaped to [BLOCK_K, BLOCK_N]: row r holds
+        # k = 8 (r % (BLOCK_K // 8)) + r // (BLOCK_K // 8). The dot product does not care about
+        # the order of k, so x's columns are gathered in that same order.
+        tile_k = (r % (BLOCK_K // 8)) * 8 + r // (BLOCK_K // 8)
+        word_rows = tl.arange(0, BLOCK_K // 8)
+        shifts = (tl.arange(0, 8) * 4)[:, None, None]
+    else:
+        # Index the word tile by row k // 8 and shift each element by (k % 8) * 4: every word is
+        # read 8 times, but the repeats are adjacent rows of one tile (L1 / shared memory), and
+        # the tile is born in the plain [BLOCK_K, BLOCK_N] order that tl.dot takes as is.
+        tile_k = r
+        word_rows = r // 8
+        shifts = ((r % 8) * 4)[:, None]
 
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # K_pad - K padded codes meet x == 0: skip them
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k = k0 + offs_k
+        k = k0 + tile_k
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :],
             mask=m_mask[:, None] & (k[None, :] < K),
             other=0.0,
         )
-        words = k // 8
+        words = k0 // 8 + word_rows
         qw = tl.load(
             qweight_ptr + words[:, None] * N + offs_n[None, :],
             mask=(words[:, None] < K_WORDS) & n_mask[None, :],
@@ -82,8 +97,13 @@ def w4a16_gemm_kernel(
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         else:
-            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-        w = codes_minus_zero(qw, shifts, magic_bias(zero, DOT_DTYPE)[None, :], DOT_DTYPE)
+            zero = tl.zeros_like(scale) + 8.0
+        bias = magic_bias(zero, DOT_DTYPE)
+        if PACKED:
+            w = codes_minus_zero(qw[None, :, :], shifts, bias[None, None, :], DOT_DTYPE)
+            w = tl.reshape(w, (BLOCK_K, BLOCK_N))
+        else:
+            w = codes_minus_zero(qw, shifts, bias[None, :], DOT_DTYPE)
         if DOT_DTYPE == tl.float32:
             tile = tl.dot(x.to(tl.float32), w, input_precision="ieee")  # no TF32: fp32 wants fp32
         else:
@@ -99,7 +119,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def w4a16_gemm(
     x, qweight, scales, zeros, K, group_size_eff, out, *,
-    block_m, block_n, block_k, split_k=1, group_m=8, num_warps=4, num_stages=3,
+    block_m, block_n, block_k, split_k=1, group_m=8, packed=False, num_warps=4, num_stages=3,
 ):
     """Launch the GEMM kernel. Arguments are checked and contiguous (see triton_w4a16)."""
     M, N = out.shape
@@ -115,7 +135,7 @@ def w4a16_gemm(
         M, N, K, qweight.shape[0], group_size_eff,
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        DOT_DTYPE=dot_dtype,
+        PACKED=packed, DOT_DTYPE=dot_dtype,
         num_warps=num_warps, num_stages=num_stages,
     )
     splitk_finish(target, out)

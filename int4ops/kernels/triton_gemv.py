@@ -68,46 +68,89 @@ def w4a16_gemv_kernel(
     HAS_ZEROS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides group_size, so a K-tile never straddles two groups
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (every real layer)
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
+    NUM_STAGES: tl.constexpr,
 ):
-    row = tl.program_id(0)  # fastest axis: the rows sharing a weight tile run back to back (L2 reuse)
+    row = tl.program_id(0)  # fastest axis: rows sharing a weight tile run back to back (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_word = tl.arange(0, BLOCK_K // 8)
-    x_row = x_ptr + row * stride_xm
-
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # K_pad - K padded codes meet x == 0: skip them
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        words = k0 // 8 + offs_word
-        qw = tl.load(
-            qweight_ptr + words[:, None] * N + offs_n[None, :],
-            mask=(words[:, None] < K_WORDS) & n_mask[None, :],
-            other=0,
-        )
-        g = k0 // group_size
-        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-        bias = magic_bias(zero, tl.float32)[None, :]
 
-        # Code j of word i is k = k0 + 8 i + j: take x with stride 8 (tiny, L1-resident) rather
-        # than reshaping the weight tile, so the tile stays in the layout it was loaded in.
+    w_ptrs = qweight_ptr + (k_begin // 8 + offs_word)[:, None] * N + offs_n[None, :]
+    x_ptrs = x_ptr + row * stride_xm + k_begin + offs_word * 8  # x[k] of code 0 of each word row
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        qw, scale, zero = _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N,
+                                     offs_word, offs_n, n_mask, HAS_ZEROS, EVEN_K, EVEN_N)
+
+        # q - z for code j, with one LOP3 per code: keep nibble p where it is (bits 4p..4p+3) and
+        # OR in the exponent of 2^(23 - 4p), whose mantissa ulp is 2^-4p: the float is exactly
+        # 2^(23 - 4p) + q. Subtracting 2^(23 - 4p) + z (per tile) leaves q - z exactly. p <= 4
+        # keeps the nibble below bit 23, so codes 5..7 are read as nibbles 2..4 of (word >> 12).
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            k = k0 + offs_word * 8 + j
-            xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            part += codes_minus_zero(qw, 4 * j, bias, tl.float32) * xj[:, None]
+        for p in tl.static_range(5):  # codes 0..4
+            xj = _load_x(x_ptrs + p, k0 + offs_word * 8 + p, K, EVEN_K)
+            part += _code_minus_zero(qw, p, zero) * xj[:, None]
+        qw_hi = qw >> 12
+        for p in tl.static_range(2, 5):  # codes 5..7
+            xj = _load_x(x_ptrs + p + 3, k0 + offs_word * 8 + p + 3, K, EVEN_K)
+            part += _code_minus_zero(qw_hi, p, zero) * xj[:, None]
         acc += part * scale[None, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += (BLOCK_K // 8) * N
 
     y = tl.sum(acc, axis=0)
     out = out_ptr + pid_k * stride_split + row * stride_om + offs_n
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    if EVEN_N:
+        tl.store(out, y.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _load_x(ptrs, k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _code_minus_zero(words, P: tl.constexpr, zero):
+    """q - z in fp32 for nibble P (0..4) of words [R, C], zero points [C] (see the kernel)."""
+    magic = (150 - 4 * P) << 23  # the bits of 2^(23 - 4P)
+    code = ((words & (0xF << (4 * P))) | magic).to(tl.float32, bitcast=True)
+    return code - ((1 << (23 - 4 * P)) + zero)[None, :]
+
+
+@triton.jit
+def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N, offs_word, offs_n, n_mask,
+               HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """The packed weights [BLOCK_K // 8, BLOCK_N] of the K-tile at k0, and its group's scale and
+    zero point as fp32 [BLOCK_N]."""
+    g = k0 // group_size
+    if EVEN_K and EVEN_N:
+        qw = tl.load(w_ptrs)
+    elif EVEN_K:
+        qw = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+    else:
+        qw = tl.load(w_ptrs, mask=((k0 // 8 + offs_word) < K_WORDS)[:, None] & n_mask[None, :], other=0)
+    if EVEN_N:
+        scale = tl.load(scales_ptr + g * N + offs_n).to(tl.float32)
+    else:
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if not HAS_ZEROS:
+        zero = tl.zeros_like(scale) + 8.0
+    elif EVEN_N:
+        zero = tl.load(zeros_ptr + g * N + offs_n).to(tl.float32)
+    else:
+        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    return qw, scale, zero
 
 
 @triton.jit
@@ -145,7 +188,7 @@ def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return tiles_per_split * block_k, triton.cdiv(k_tiles, tiles_per_split)
 
 
-def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, block_k, split_k, num_warps=4):
+def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, block_k, split_k, num_warps=4, num_stages=3):
     """Launch the decode kernel. Arguments are checked and contiguous (see triton_w4a16)."""
     M, N = out.shape
     k_per_split, split_k = k_split(K, block_k, split_k)
@@ -156,7 +199,7 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
         N, K, qweight.shape[0], group_size_eff,
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     splitk_finish(target, out)
     return out

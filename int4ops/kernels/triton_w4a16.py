@@ -40,6 +40,8 @@ log = logging.getLogger("int4ops")
 try:
     import triton  # noqa: F401
 
+    from triton.runtime.errors import OutOfResources
+
     from .triton_gemm import w4a16_gemm
     from .triton_gemv import w4a16_gemv
 
@@ -99,21 +101,22 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         block_n = max(16, min(64 if block_k >= 128 else 128, _pow2_at_least(N)))
         programs = M * math.ceil(N / block_n)
         split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=4, cap=32)
-        return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
+        return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=3)
+    # The packed tile layout needs 1/8 of the shared memory of the expanded one, so these
+    # fit any GPU Triton supports; tuned tables may pick the other layout where it is faster.
     if M <= 64:
         # Memory-bound: small row tiles, long K tiles, deep pipeline, split-K to fill the GPU.
         block_m = max(16, _pow2_at_least(M))
         block_n, block_k, num_warps, num_stages = 64, _block_k(group_size, K, 128), 4, 4
     else:
-        # Compute-bound: the tutorial-sized 128x128 tile; BLOCK_K 64 keeps 3 stages of the
-        # (8x expanded) weight tile + x tile within shared memory.
+        # Compute-bound: the tutorial-sized 128x128 tile.
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, _block_k(group_size, K, 64), 8, 3
     block_n = max(16, min(block_n, _pow2_at_least(N)))
     tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
     split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=2, cap=16)
     return dict(
         kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-        group_m=8, num_warps=num_warps, num_stages=num_stages,
+        group_m=8, packed=True, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -214,6 +217,8 @@ def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=N
     _check_args(x, qweight, scales, zeros, in_features, group_size, out)
     M, N = x.shape[0], qweight.shape[1]
     cfg = {**heuristic_config(kernel, M, N, in_features, group_size, _device_info(x.device)[0]), **config}
+    if kernel == "gemv":
+        cfg = {k: v for k, v in cfg.items() if k not in ("block_m", "group_m", "packed")}
     return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
 
 
@@ -227,8 +232,17 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out):
         x = x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
-    cfg = dict(cfg)
-    launch = w4a16_gemv if cfg.pop("kernel") == "gemv" else w4a16_gemm
+    params = dict(cfg)
+    launch = w4a16_gemv if params.pop("kernel") == "gemv" else w4a16_gemm
     gs = effective_group_size(in_features, group_size)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        return launch(x, qweight, scales, zeros, in_features, gs, out, **cfg)
+        try:
+            return launch(x, qweight, scales, zeros, in_features, gs, out, **params)
+        except OutOfResources as e:
+            # A config too deep for this GPU's shared memory: shows up at the first (compiling)
+            # call; drop a pipeline stage, and remember it in the (cached) config.
+            if cfg.get("num_stages", 1) <= 1:
+                raise
+            log.warning("int4ops: %s; retrying with num_stages=%d", e, cfg["num_stages"] - 1)
+            cfg["num_stages"] -= 1
+            return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
