@@ -18,7 +18,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 BUDGET=${BUDGET:-545}
-exec > >(tee "$OUT/device_run.log") 2>&1
+exec 3>&1 4>&2 > >(tee "$OUT/device_run.log") 2>&1
+TEE_PID=$!
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stage() { echo; echo "=== [$(elapsed)s] $*"; }
@@ -77,7 +78,7 @@ $PY -c "import int4ops, int4ops.kernels.cuda as c; print('int4ops', int4ops.__fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   stage "GPU tests (pytest -m gpu tests)"
   run_limited 120 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
-  echo "gpu tests rc=$?"
+  RC_TESTS=$?; echo "gpu tests rc=$RC_TESTS"
 fi
 
 GPU=$($PY -c "import torch,re; n=torch.cuda.get_device_name(0).replace('NVIDIA',''); print(re.sub('[^a-z0-9]+','-',n.lower()).strip('-'))" 2>/dev/null || echo gpu)
@@ -92,18 +93,20 @@ if [[ "${SKIP_KERNELS:-0}" != 1 ]]; then
   TLIM=$(( BUDGET - $(elapsed) - E2E_RESERVE - 40 )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
   stage "kernel benchmark (python -m bench.kernels $KARGS --time-limit $TLIM)"
   run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$KJSON" >/dev/null
-  echo "kernels rc=$?"
+  RC_K=$?; echo "kernels rc=$RC_K"
 fi
 
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   stage "end to end: Llama-3-8B fp16 vs int4"
   run_limited $(( BUDGET - $(elapsed) - 90 )) $PY -m bench.e2e --model 8b $E2E8 --out "$EJSON" >/dev/null
-  echo "e2e 8b rc=$?"
+  RC_E8=$?; echo "e2e 8b rc=$RC_E8"
   stage "end to end: Llama-3-70B int4 (built directly in int4)"
   run_limited $(( BUDGET - $(elapsed) - 10 )) $PY -m bench.e2e --model 70b $E2E70 --out "$EJSON" >/dev/null
-  echo "e2e 70b rc=$?"
+  RC_E70=$?; echo "e2e 70b rc=$RC_E70"
 fi
 
+echo
+echo "stage exit codes: gpu tests=${RC_TESTS:-skipped} kernels=${RC_K:-skipped} e2e 8b=${RC_E8:-skipped} e2e 70b=${RC_E70:-skipped} (124 = time limit)"
 stage "report"
 FILES=""; for f in "$KJSON" "$EJSON"; do [[ -f "$f" ]] && FILES="$FILES $f"; done
 if [[ -n "$FILES" ]]; then
@@ -116,3 +119,8 @@ if [[ -n "$FILES" ]]; then
 else
   echo "no results to report"; ls -la "$OUT"
 fi
+# Let tee finish writing device_run.log before the script returns.
+exec 1>&3 2>&4
+wait "$TEE_PID" 2>/dev/null || true
+# Non-zero when a benchmark stage failed (test failures are in gpu_tests.log and the line above).
+exit $(( ${RC_K:-0} != 0 || ${RC_E8:-0} != 0 || ${RC_E70:-0} != 0 ))
