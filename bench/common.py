@@ -267,6 +267,17 @@ def default_out(prefix: str, info: dict) -> str:
     return f"bench/results/{prefix}_{gpu}_{info['date'][:10]}.json"
 
 
+def write_json(path, doc: dict) -> None:
+    """Write atomically (temp file + rename), so a run killed mid-write leaves the last complete file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
 # ----------------------------------------------------------------------------- table printer
 
 

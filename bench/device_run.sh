@@ -28,10 +28,10 @@ run_limited() {
   local want=$1; shift
   local left=$(( BUDGET - $(elapsed) ))
   local lim=$(( want < left ? want : left ))
-  if (( lim < 15 )); then echo "skipped: only ${left}s left of the 9.5 min budget"; return 124; fi
+  if (( lim < 15 )); then echo "skipped: only ${left}s left of the ${BUDGET}s budget" >&2; return 124; fi
   timeout --signal=TERM --kill-after=10 "$lim" "$@"
   local rc=$?
-  (( rc == 124 )) && echo "stage hit its ${lim}s limit"
+  (( rc == 124 )) && echo "stage hit its ${lim}s limit" >&2
   return $rc
 }
 

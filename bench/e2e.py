@@ -360,7 +360,7 @@ def main(argv=None) -> int:
 
     def save():
         doc["runs"] = earlier + runs
-        out.write_text(json.dumps(doc, indent=1))
+        common.write_json(out, doc)
 
     model = ref_logits = None
     for weights in args.weights:

@@ -359,7 +359,7 @@ def main(argv=None) -> int:
             log.info("%s %dx%d %s: M in %s, backends %s", name, n, k, dtype_name(dtype), ms, backends)
             run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results, skipped)
             add_derived(results, bw, peaks)
-            out.write_text(json.dumps(doc, indent=1))  # after every shape, so a killed run keeps its points
+            common.write_json(out, doc)  # after every shape, so a killed run keeps its points
     log.info("wrote %s (%d points in %.0fs)", out, len(results), time.perf_counter() - t0)
 
     from . import report
