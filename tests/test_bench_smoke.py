@@ -95,6 +95,7 @@ def test_e2e_cli_parsing():
     assert b.weights == ["fp16", "int4"] and b.batches == [1]
     with pytest.raises(SystemExit):
         e2e.parse_args(["--weights", "int8"])
+    pytest.importorskip("transformers")
     c = e2e.llama_config("70b")
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads) == (8192, 28672, 80, 8)
 
@@ -174,6 +175,7 @@ def test_kernels_cpu_dry_run(tmp_path):
 @pytest.mark.slow
 def test_e2e_decode_loop_matches_generate():
     """The benchmark's StaticCache decode loop produces exactly model.generate's greedy tokens."""
+    pytest.importorskip("transformers")
     cfg = e2e.llama_config("tiny")
     model = e2e.build_dense(cfg, torch.device("cpu"), torch.float32)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
@@ -188,6 +190,7 @@ def test_e2e_decode_loop_matches_generate():
 @pytest.mark.slow
 def test_e2e_cpu_dry_run(tmp_path):
     """fp16 -> replace_linear and the direct-int4 (70B-style) build, end to end on CPU, tiny model."""
+    pytest.importorskip("transformers")
     out = tmp_path / "e.json"
     common_args = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--batches", "2", "--prompt-len", "2",
                    "--decode-steps", "1", "--prefill-len", "8", "--out", str(out)]
