@@ -7,15 +7,20 @@ backend per call:
     reference  plain PyTorch dequantize + fp32 matmul (any device; the oracle)
     triton     fused Triton kernels (int4ops/kernels/triton_w4a16.py), CUDA tensors
     cuda       the CUDA C++ library (csrc/, loaded by int4ops/kernels/cuda.py), CUDA tensors
-    auto       the fastest available for this device, M and dtype (see ``select_backend``)
+    auto       the fastest available for this GPU, shape and M (see ``select_backend``)
 
 ``INT4OPS_BACKEND`` in the environment overrides the backend every caller asked for.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import json
 import logging
+import math
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,7 +49,7 @@ def _triton_ready(x: torch.Tensor) -> bool:
 def _cuda_ready(x: torch.Tensor) -> bool:
     from .kernels import cuda
 
-    return x.is_cuda and cuda.available()
+    return x.is_cuda and cuda.available(x.device)
 
 
 _announced: set = set()
@@ -57,8 +62,53 @@ def _announce(backend: str, why: str) -> None:
         log.info("int4ops: using the %s backend (%s)", backend, why)
 
 
-def select_backend(x: torch.Tensor, requested: str) -> str:
-    """Resolve ``requested`` (possibly overridden by INT4OPS_BACKEND) to a concrete backend."""
+AUTO_TABLE = Path(__file__).resolve().parent / "kernels" / "tuned" / "auto_backend.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_table(gpu_name: str) -> dict:
+    """{"NxK": {M: backend}} measured on this GPU model by bench/choose_backends.py, plus
+    "*": {M: the backend that won most shapes at that M}; {} for an unmeasured GPU."""
+    if not AUTO_TABLE.exists():
+        return {}
+    entry = json.loads(AUTO_TABLE.read_text()).get(gpu_name)
+    if not entry:
+        return {}
+    shapes = {shape: {int(m): b for m, b in by_m.items()} for shape, by_m in entry["shapes"].items()}
+    votes = collections.defaultdict(collections.Counter)
+    for by_m in shapes.values():
+        for m, b in by_m.items():
+            votes[m][b] += 1
+    shapes["*"] = {m: c.most_common(1)[0][0] for m, c in votes.items()}
+    return shapes
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_cuda(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> tuple[str, str]:
+    """(backend, why) for a CUDA input: the measured winner where we have one, else Triton,
+    else the CUDA library, else the reference. Cached, so the choice costs a dict lookup."""
+    if dtype not in KERNEL_DTYPES:
+        return "reference", f"activations are {dtype}; kernels take fp16/bf16"
+    x = torch.empty(0, device=device, dtype=dtype)
+    ready = {"triton": _triton_ready(x), "cuda": _cuda_ready(x)}
+    gpu = torch.cuda.get_device_name(device)
+    table = _measured_table(gpu)
+    by_m = table.get(f"{n}x{k}") or table.get("*")
+    if by_m:
+        nearest = min(by_m, key=lambda mm: (abs(math.log2(mm) - math.log2(max(m, 1))), mm))
+        best = by_m[nearest]
+        if ready.get(best):
+            return best, f"auto: fastest measured on {gpu} (table {AUTO_TABLE.name})"
+    if ready["triton"]:
+        return "triton", "auto: Triton kernels available" + ("" if table else f" ({gpu} not in the measured table)")
+    if ready["cuda"]:
+        return "cuda", "auto: Triton unavailable, CUDA library loaded"
+    return "reference", "auto: neither Triton nor the CUDA library is available"
+
+
+def select_backend(x: torch.Tensor, requested: str, n: int | None = None) -> str:
+    """Resolve ``requested`` (possibly overridden by INT4OPS_BACKEND) to a concrete backend
+    for activations ``x`` [M, K] and ``n`` output features."""
     check_backend(requested)
     env = os.environ.get("INT4OPS_BACKEND")
     if env:
@@ -78,21 +128,13 @@ def select_backend(x: torch.Tensor, requested: str) -> str:
 
             raise RuntimeError(f"backend='cuda' was requested but is unavailable: {cuda.why_unavailable(x)}")
         return "cuda"
-    # auto
     if not x.is_cuda:
         _announce("reference", f"input on {x.device.type}, kernels need a GPU")
         return "reference"
-    if x.dtype not in KERNEL_DTYPES:
-        _announce("reference", f"activations are {x.dtype}; kernels take fp16/bf16")
-        return "reference"
-    if _triton_ready(x):
-        _announce("triton", "auto: Triton kernels available on this GPU")
-        return "triton"
-    if _cuda_ready(x):
-        _announce("cuda", "auto: Triton unavailable, CUDA library loaded")
-        return "cuda"
-    _announce("reference", "auto: neither Triton nor the CUDA library is available")
-    return "reference"
+    m, k = (x.shape[0], x.shape[-1]) if x.dim() == 2 else (1, x.shape[-1])
+    backend, why = _auto_cuda(x.device, x.dtype, m, n or 0, k)
+    _announce(backend, why)
+    return backend
 
 
 @torch.library.custom_op("int4ops::w4a16_mm", mutates_args=())
@@ -106,7 +148,7 @@ def w4a16_mm(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``x [M, K] @ W.T -> [M, N]`` in x.dtype, W in the packed format (see int4ops.format)."""
-    which = select_backend(x, backend)
+    which = select_backend(x, backend, qweight.shape[1])
     if which == "triton":
         from .kernels import triton_w4a16
 

@@ -62,3 +62,21 @@ def test_env_override_and_cpu_auto(monkeypatch):
     monkeypatch.setenv("INT4OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend"):
         select_backend(x, "auto")
+
+
+def test_auto_uses_the_measured_table(monkeypatch, tmp_path):
+    import json
+
+    from int4ops import ops
+
+    table = {"NVIDIA Test GPU": {"source": "x.json", "date": "d", "group_size": 128,
+             "shapes": {"64x32": {"1": "cuda", "64": "triton"}, "128x32": {"1": "cuda", "64": "cuda"}}}}
+    path = tmp_path / "auto_backend.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(ops, "AUTO_TABLE", path)
+    ops._measured_table.cache_clear()
+    t = ops._measured_table("NVIDIA Test GPU")
+    assert t["64x32"] == {1: "cuda", 64: "triton"}
+    assert t["*"][1] == "cuda"  # the most shapes' winner at M = 1, for unmeasured shapes
+    assert ops._measured_table("Some Other GPU") == {}
+    ops._measured_table.cache_clear()
