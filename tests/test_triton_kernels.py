@@ -21,7 +21,7 @@ from int4ops.kernels import triton_w4a16 as tw
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not tw.available(DEVICE), reason=f"Triton cannot run on {DEVICE}")
 
-KERNELS = ("gemv", "gemm")
+KERNELS = ("gemv", "gemm", "dequant")
 
 
 def make_problem(M, N, K, group_size, sym, dtype, scale_dtype=None, device=DEVICE, seed=None):
@@ -79,10 +79,16 @@ SPLIT_CASES = [
     ("gemm", (33, 96, 256, 64, False), dict(block_m=16, block_n=32, block_k=32, split_k=4)),
     ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, block_k=64, split_k=2, group_m=2)),
     ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, block_k=128, split_k=1)),
-    # the expanded-rows tile layout (heuristics pick the packed one)
-    ("gemm", (33, 96, 172, 32, True), dict(packed=False, block_m=16, block_n=32, block_k=32, split_k=2)),
-    ("gemm", (2, 33, 256, -1, False), dict(packed=False, block_m=16, block_n=64, block_k=64, split_k=1)),
-    ("gemm", (16, 96, 100, 128, False), dict(packed=False, block_m=32, block_n=32, block_k=128, split_k=3)),
+    # the scale folded into the weight tile (what large-M configs use)
+    ("gemm", (33, 96, 172, 32, True), dict(fold_scale=True, block_m=16, block_n=32, block_k=32, split_k=2)),
+    ("gemm", (2, 33, 256, -1, False), dict(fold_scale=True, block_m=16, block_n=64, block_k=64, split_k=1)),
+    ("gemm", (16, 96, 100, 128, False), dict(fold_scale=True, block_m=32, block_n=32, block_k=128, split_k=3)),
+    # the words loaded once, 8 dots of depth BLOCK_K // 8 (BLOCK_K >= 128)
+    ("gemm", (33, 96, 256, 128, False), dict(split_dots=True, block_m=16, block_n=32, block_k=128, split_k=2)),
+    ("gemm", (3, 33, 172, -1, True), dict(split_dots=True, fold_scale=True, block_m=16, block_n=64, block_k=128)),
+    ("gemm", (16, 96, 100, 32, False), dict(split_dots=True, block_m=16, block_n=32, block_k=32)),  # falls back
+    ("dequant", (33, 96, 172, 32, False), dict(block_n=16, block_k=32)),
+    ("dequant", (3, 33, 100, -1, True), dict(block_n=128, block_k=16)),
 ]
 
 
@@ -180,7 +186,7 @@ def test_rejects_bad_kernel_override(weight, monkeypatch):
     monkeypatch.setenv("INT4OPS_TRITON_KERNEL", "marlin")
     with pytest.raises(ValueError, match="INT4OPS_TRITON_KERNEL"):
         tw.w4a16_matmul(*args(torch.ones(2, 100, device=DEVICE, dtype=torch.float16), weight))
-    with pytest.raises(ValueError, match="kernel must be"):
+    with pytest.raises(ValueError, match="kernel must be one of"):
         tw.run_kernel("marlin", *args(torch.ones(2, 100, device=DEVICE, dtype=torch.float16), weight))
 
 
@@ -200,7 +206,7 @@ def test_heuristic_configs_are_valid(M, N, K, group_size):
         bk = cfg["block_k"]
         assert bk >= 16 and bk & (bk - 1) == 0, cfg
         assert group_size == -1 or group_size % bk == 0, cfg
-        assert 1 <= cfg["split_k"] <= math.ceil(K / bk), cfg
+        assert 1 <= cfg.get("split_k", 1) <= math.ceil(K / bk), cfg
 
 
 def test_shipped_tuned_configs_are_valid():
@@ -237,7 +243,7 @@ def test_gpu_real_sizes(M, N, K, dtype):
     x, w, ref, seed = make_problem(M, N, K, 128, False, dtype, device="cuda")
     out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, N), dtype, "cuda"))
     check(out, ref, dtype, f"auto M={M} N={N} K={K} seed={seed}")
-    for kernel in KERNELS if M <= 64 else ("gemm",):
+    for kernel in KERNELS if M <= 64 else ("gemm", "dequant"):
         out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, "cuda"))
         check(out, ref, dtype, f"{kernel} M={M} N={N} K={K} seed={seed}")
 

@@ -1,24 +1,21 @@
-"""Prefill-path W4A16 kernel (larger M): tiled GEMM on tensor cores with the weights
-dequantized in registers on their way into ``tl.dot``.
+"""Larger-M W4A16 paths: a fused tensor-core GEMM, and dequantize + vendor GEMM.
 
-Per K-tile a program loads x [BLOCK_M, BLOCK_K] and the packed weights for [BLOCK_K, BLOCK_N],
-turns the codes into exact small integers ``q - z`` in the activation dtype, and does
+``w4a16_gemm`` (fused): per K-tile a program loads x [BLOCK_M, BLOCK_K] and the packed
+weights for [BLOCK_K, BLOCK_N], turns the codes into exact small integers ``q - z`` in the
+activation dtype, and does
 
     acc += tl.dot(x_tile, (q - z)_tile) * scale[None, :]
 
 BLOCK_K divides the group size, so the whole tile shares one scale row: the scale multiplies
 the fp32 [BLOCK_M, BLOCK_N] tile product once instead of every weight element, and
 ``q - z`` (integers in -15..15) is exact in fp16/bf16, so the only rounding before the fp32
-accumulator is the activation's own.
+accumulator is the activation's own. Programs are ordered in groups of GROUP_M row-tiles so
+the weight columns a group needs stay in L2; for few tiles (small M) K is split over a
+second grid axis, as in the GEMV kernel.
 
-Unpacking: the weight pointer tile is indexed by row ``k // 8`` and each element shifted by
-``(k % 8) * 4``. Each int32 word is therefore read 8 times, but the 8 reads are adjacent rows
-of one tile, served from L1/shared memory after the first; this keeps the tile in a plain
-[BLOCK_K, BLOCK_N] layout that ``tl.dot`` takes as is, with no reshape/join shuffles.
-
-Programs are ordered in groups of GROUP_M row-tiles so the weight columns a group needs stay
-in L2 while its row-tiles go by. For small M (few tiles) K is split over a second grid axis,
-as in the GEMV kernel, with fp32 partials reduced by ``splitk_reduce_kernel``.
+``w4a16_dequant_matmul``: for large M the product is compute-bound and the fused kernel
+(mma.sync on a register-dequantized operand) is far from cuBLAS, so the weight is expanded
+once into a transient dense buffer and multiplied by torch.matmul.
 """
 
 from __future__ import annotations
@@ -41,7 +38,8 @@ def w4a16_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides group_size, so a K-tile never straddles two groups
     GROUP_M: tl.constexpr,
-    PACKED: tl.constexpr,  # how the [BLOCK_K, BLOCK_N] weight tile is unpacked, see below
+    FOLD_SCALE: tl.constexpr,  # multiply the scale into the weight tile (True) or the tile product
+    SPLIT_DOTS: tl.constexpr,  # unpacking scheme, see below
     DOT_DTYPE: tl.constexpr,  # x's dtype; fp32 for bf16 under the CPU interpreter (see launcher)
 ):
     pid = tl.program_id(0)
@@ -59,59 +57,71 @@ def w4a16_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    r = tl.arange(0, BLOCK_K)
-    if PACKED:
-        # Load the tile's BLOCK_K // 8 words once and expand them in registers into an [8, BLOCK_K // 8,
-        # BLOCK_N] block (code j of word i at [j, i]) reshaped to [BLOCK_K, BLOCK_N]: row r holds
-        # k = 8 (r % (BLOCK_K // 8)) + r // (BLOCK_K // 8). The dot product does not care about
-        # the order of k, so x's columns are gathered in that same order.
-        tile_k = (r % (BLOCK_K // 8)) * 8 + r // (BLOCK_K // 8)
-        word_rows = tl.arange(0, BLOCK_K // 8)
-        shifts = (tl.arange(0, 8) * 4)[:, None, None]
-    else:
-        # Index the word tile by row k // 8 and shift each element by (k % 8) * 4: every word is
-        # read 8 times, but the repeats are adjacent rows of one tile (L1 / shared memory), and
-        # the tile is born in the plain [BLOCK_K, BLOCK_N] order that tl.dot takes as is.
-        tile_k = r
-        word_rows = r // 8
-        shifts = ((r % 8) * 4)[:, None]
+    # Unpacking, two ways (a config choice):
+    #  - expanded rows: index the word tile by row k // 8 and shift each element by (k % 8) * 4.
+    #    Each word is fetched 8 times (adjacent rows of one tile), but the tile is born in the
+    #    plain [BLOCK_K, BLOCK_N] order one tl.dot takes.
+    #  - SPLIT_DOTS: fetch the [BLOCK_K // 8, BLOCK_N] words once and do 8 dots of depth
+    #    BLOCK_K // 8, dot j taking code j of every word and x's columns k0 + 8 i + j.
+    #    Needs BLOCK_K // 8 >= 16 (tl.dot's minimum depth), so BLOCK_K >= 128.
+    offs_k = tl.arange(0, BLOCK_K)
+    shifts = ((offs_k % 8) * 4)[:, None]
+    offs_word = tl.arange(0, BLOCK_K // 8)
 
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # K_pad - K padded codes meet x == 0: skip them
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k = k0 + tile_k
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-            mask=m_mask[:, None] & (k[None, :] < K),
-            other=0.0,
-        )
-        words = k0 // 8 + word_rows
-        qw = tl.load(
-            qweight_ptr + words[:, None] * N + offs_n[None, :],
-            mask=(words[:, None] < K_WORDS) & n_mask[None, :],
-            other=0,
-        )
         g = k0 // group_size
         scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         else:
             zero = tl.zeros_like(scale) + 8.0
-        bias = magic_bias(zero, DOT_DTYPE)
-        if PACKED:
-            w = codes_minus_zero(qw[None, :, :], shifts, bias[None, None, :], DOT_DTYPE)
-            w = tl.reshape(w, (BLOCK_K, BLOCK_N))
+        if SPLIT_DOTS:
+            words = k0 // 8 + offs_word
+            qw = tl.load(qweight_ptr + words[:, None] * N + offs_n[None, :],
+                         mask=(words[:, None] < K_WORDS) & n_mask[None, :], other=0)
+            tile = tl.zeros_like(acc)
+            for j in tl.static_range(8):
+                k = words * 8 + j
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                            mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
+                acc, tile = _accumulate(acc, tile, x, qw, 4 * j, zero, scale, FOLD_SCALE, DOT_DTYPE)
         else:
-            w = codes_minus_zero(qw, shifts, bias[None, :], DOT_DTYPE)
-        if DOT_DTYPE == tl.float32:
-            tile = tl.dot(x.to(tl.float32), w, input_precision="ieee")  # no TF32: fp32 wants fp32
-        else:
-            tile = tl.dot(x, w)
-        acc += tile * scale[None, :]
+            k = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                        mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
+            words = k // 8
+            qw = tl.load(qweight_ptr + words[:, None] * N + offs_n[None, :],
+                         mask=(words[:, None] < K_WORDS) & n_mask[None, :], other=0)
+            tile = tl.zeros_like(acc)
+            acc, tile = _accumulate(acc, tile, x, qw, shifts, zero, scale, FOLD_SCALE, DOT_DTYPE)
+        if not FOLD_SCALE:
+            acc += tile * scale[None, :]
 
     out = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _accumulate(acc, tile, x, qw, shifts, zero, scale, FOLD_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Add x @ dequant(qw) to acc (scale folded into the weights: the accumulator chains through
+    the MMAs) or add x @ (q - z) to tile (exact q - z; the caller scales the tile product)."""
+    if FOLD_SCALE:
+        w = codes_minus_zero(qw, shifts, magic_bias(zero, tl.float32)[None, :], tl.float32)
+        acc = _dot(x, (w * scale[None, :]).to(DOT_DTYPE), acc, DOT_DTYPE)
+    else:
+        w = codes_minus_zero(qw, shifts, magic_bias(zero, DOT_DTYPE)[None, :], DOT_DTYPE)
+        tile = _dot(x, w, tile, DOT_DTYPE)
+    return acc, tile
+
+
+@triton.jit
+def _dot(x, w, acc, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")  # no TF32: fp32 wants fp32
+    return tl.dot(x, w, acc)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -119,7 +129,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def w4a16_gemm(
     x, qweight, scales, zeros, K, group_size_eff, out, *,
-    block_m, block_n, block_k, split_k=1, group_m=8, packed=False, num_warps=4, num_stages=3,
+    block_m, block_n, block_k, split_k=1, group_m=8, fold_scale=False, split_dots=False, num_warps=4, num_stages=3,
 ):
     """Launch the GEMM kernel. Arguments are checked and contiguous (see triton_w4a16)."""
     M, N = out.shape
@@ -135,8 +145,55 @@ def w4a16_gemm(
         M, N, K, qweight.shape[0], group_size_eff,
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        PACKED=packed, DOT_DTYPE=dot_dtype,
+        FOLD_SCALE=fold_scale, SPLIT_DOTS=split_dots and block_k >= 128, DOT_DTYPE=dot_dtype,
         num_warps=num_warps, num_stages=num_stages,
     )
     splitk_finish(target, out)
     return out
+
+
+@triton.jit
+def w4a16_dequant_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, w_ptr,
+    N, K, K_WORDS, group_size,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides group_size
+):
+    """w[n, k] = (q - z) * s in w's dtype: the dense [N, K] nn.Linear weight."""
+    pid_n = tl.program_id(0)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
+    qw = tl.load(qweight_ptr + words[:, None] * N + offs_n[None, :],
+                 mask=(words[:, None] < K_WORDS) & n_mask[None, :], other=0)
+    g = k0 // group_size
+    scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    else:
+        zero = tl.zeros_like(scale) + 8.0
+    # [BLOCK_K // 8, 8, BLOCK_N]: code j of word i is k = k0 + 8 i + j, contiguous along j in w.
+    j = tl.arange(0, 8)
+    q = codes_minus_zero(qw[:, None, :], (j * 4)[None, :, None], magic_bias(zero, tl.float32)[None, None, :],
+                         tl.float32)
+    k = words[:, None, None] * 8 + j[None, :, None]
+    ptrs = w_ptr + offs_n[None, None, :] * K + k
+    mask = (k < K) & n_mask[None, None, :]
+    tl.store(ptrs, (q * scale[None, None, :]).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def w4a16_dequant_matmul(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n=64, block_k=128, num_warps=4):
+    """Large M: dequantize the whole weight to x.dtype (a transient [N, K] buffer) and let the
+    vendor GEMM (cuBLAS) do the math. The extra pass reads 0.5 and writes 2 bytes per weight,
+    which a compute-bound product (M in the hundreds and up) hides easily."""
+    N = out.shape[1]
+    w = torch.empty((N, K), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    w4a16_dequant_kernel[grid](
+        qweight, scales, zeros if zeros is not None else scales, w,
+        N, K, qweight.shape[0], group_size_eff,
+        HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return torch.matmul(x, w.t(), out=out)

@@ -1,19 +1,20 @@
 """Triton backend of ``torch.ops.int4ops.w4a16_mm``: argument checks, kernel choice, configs.
 
-Two kernels (each next to its launcher):
+Three paths (each kernel next to its launcher):
 
-    triton_gemv.py  w4a16_gemv  decode, M = 1..few: a weight stream with split-K
-    triton_gemm.py  w4a16_gemm  M larger: tensor-core tiles, split-K when tiles are few
+    gemv     triton_gemv.py  w4a16_gemv            decode, M = 1..2: a weight stream, split-K
+    gemm     triton_gemm.py  w4a16_gemm            M up to ~32: fused tensor-core tiles, split-K
+    dequant  triton_gemm.py  w4a16_dequant_matmul  large M: dequantize to a dense buffer + cuBLAS
 
-``w4a16_matmul`` picks one per call from the M/N/K/group size of the call:
+``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
 
 1. a tuned table shipped for this GPU (``tuned/<gpu name>.json``, measured offline with
-   bench/tune; keyed by "NxK" and a few M values, the nearest M in log scale is used);
+   the tuning script described in notes/triton_kernels.md; keyed by "NxK" and a few M values, the nearest M in log scale is used);
 2. otherwise a heuristic (``heuristic_config``) that needs no benchmarking, so an untuned
    GPU never stalls on autotuning: the first call of a new config costs only Triton's JIT
    compile (see notes/triton_kernels.md), later calls a dict lookup.
 
-``INT4OPS_TRITON_KERNEL=gemv|gemm`` forces one kernel (with its heuristic config): a
+``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant`` forces one path (with its heuristic config): a
 debugging and testing knob.
 
 Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
@@ -42,14 +43,17 @@ try:
 
     from triton.runtime.errors import OutOfResources
 
-    from .triton_gemm import w4a16_gemm
+    from .triton_gemm import w4a16_dequant_matmul, w4a16_gemm
     from .triton_gemv import w4a16_gemv
+
+    LAUNCHERS = {"gemv": w4a16_gemv, "gemm": w4a16_gemm, "dequant": w4a16_dequant_matmul}
 
     _IMPORT_ERROR = None
 except ImportError as e:  # no Triton (e.g. macOS / Windows): the op falls back elsewhere
     _IMPORT_ERROR = e
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNELS = ("gemv", "gemm", "dequant")
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _INT32_LIMIT = 2**31
 
@@ -94,30 +98,40 @@ def _split_for(programs: int, k_tiles: int, sms: int, waves: int, cap: int) -> i
 
 
 def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: int) -> dict:
-    """A benchmark-free config: reasonable on any recent NVIDIA GPU (and in the interpreter)."""
+    """A benchmark-free config for ``kernel``: what the H200 tuning favoured, scaled by the SM
+    count; used for untuned GPUs and shapes, and in the interpreter."""
     if kernel == "gemv":
         block_k = _block_k(group_size, K, 128)
-        # ~1-2K int32 words per tile: 8-16 words (2-4 16-byte loads) per thread at 4 warps.
+        # [16, 64] words per tile at BLOCK_K 128: 2 x 16-byte loads per thread at 4 warps.
         block_n = max(16, min(64 if block_k >= 128 else 128, _pow2_at_least(N)))
         programs = M * math.ceil(N / block_n)
-        split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=4, cap=32)
-        return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=3)
-    # The packed tile layout needs 1/8 of the shared memory of the expanded one, so these
-    # fit any GPU Triton supports; tuned tables may pick the other layout where it is faster.
+        split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=6, cap=16)
+        return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
+    if kernel == "dequant":
+        return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
     if M <= 64:
-        # Memory-bound: small row tiles, long K tiles, deep pipeline, split-K to fill the GPU.
-        block_m = max(16, _pow2_at_least(M))
-        block_n, block_k, num_warps, num_stages = 64, _block_k(group_size, K, 128), 4, 4
+        # Memory-bound: one row tile, long K tiles, deep pipeline, split-K to fill the GPU.
+        block_m, block_n, block_k, num_warps, num_stages = max(16, _pow2_at_least(M)), 32, 128, 4, 4
+        fold_scale = False
     else:
-        # Compute-bound: the tutorial-sized 128x128 tile.
-        block_m, block_n, block_k, num_warps, num_stages = 128, 128, _block_k(group_size, K, 64), 8, 3
+        # Compute-bound: the tutorial-sized 128x128 tile; the scale goes into the weight tile so
+        # that the accumulator chains through the MMAs.
+        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
+        fold_scale = True
+    block_k = _block_k(group_size, K, block_k)
     block_n = max(16, min(block_n, _pow2_at_least(N)))
     tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
     split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=2, cap=16)
     return dict(
         kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-        group_m=8, packed=True, num_warps=num_warps, num_stages=num_stages,
+        group_m=8, fold_scale=fold_scale, num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def default_kernel(M: int) -> str:
+    """gemv streams the weights once per row: best at M <= 2. The fused GEMM wins while the
+    product is memory-bound; past M ~ 32 dequantize + cuBLAS wins (H200 measurements)."""
+    return "gemv" if M <= 2 else "gemm" if M <= 32 else "dequant"
 
 
 def tuned_file(device_name: str) -> Path:
@@ -147,7 +161,7 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
         return None
     m_key = min(by_m, key=lambda m: (abs(math.log2(m) - math.log2(M)), -m))
     cfg = dict(by_m[m_key])
-    if cfg["kernel"] == "gemm" and M > 4 * m_key:
+    if cfg["kernel"] != "dequant" and M > 4 * m_key:
         return None  # tuned for far fewer rows (e.g. split-K settings): the heuristic is safer
     cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])  # tuned at group 128: keep it dividing
     return cfg
@@ -160,8 +174,7 @@ def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int,
         cfg = _tuned(table, M, N, K, group_size)
         if cfg is not None:
             return cfg
-    kernel = forced or ("gemv" if M <= 4 else "gemm")
-    return heuristic_config(kernel, M, N, K, group_size, sms)
+    return heuristic_config(forced or default_kernel(M), M, N, K, group_size, sms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +212,8 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features, group_size, out=None):
     written if given. Runs on x's device; picks the kernel and config per call.
     """
     forced = os.environ.get("INT4OPS_TRITON_KERNEL") or None
-    if forced not in (None, "gemv", "gemm"):
-        raise ValueError(f"INT4OPS_TRITON_KERNEL must be gemv or gemm, got {forced!r}")
+    if forced not in (None, *KERNELS):
+        raise ValueError(f"INT4OPS_TRITON_KERNEL must be one of {KERNELS}, got {forced!r}")
     _check_args(x, qweight, scales, zeros, in_features, group_size, out)
     M, N = x.shape[0], qweight.shape[1]
     if M == 0 or N == 0:
@@ -212,13 +225,11 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features, group_size, out=None):
 def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=None, **config):
     """Run ``kernel`` ("gemv" or "gemm") explicitly: its heuristic config updated with
     ``config`` (block sizes, split_k, ...). For tests and tuning; same checks as above."""
-    if kernel not in ("gemv", "gemm"):
-        raise ValueError(f"kernel must be gemv or gemm, got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     _check_args(x, qweight, scales, zeros, in_features, group_size, out)
     M, N = x.shape[0], qweight.shape[1]
     cfg = {**heuristic_config(kernel, M, N, in_features, group_size, _device_info(x.device)[0]), **config}
-    if kernel == "gemv":
-        cfg = {k: v for k, v in cfg.items() if k not in ("block_m", "group_m", "packed")}
     return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
 
 
@@ -233,7 +244,7 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out):
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     params = dict(cfg)
-    launch = w4a16_gemv if params.pop("kernel") == "gemv" else w4a16_gemm
+    launch = LAUNCHERS[params.pop("kernel")]
     gs = effective_group_size(in_features, group_size)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         try:
