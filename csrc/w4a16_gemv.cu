@@ -243,7 +243,8 @@ extern "C" int int4ops_w4a16_gemv(const void* x, const void* qweight, const void
   if (M < 1 || M > INT4OPS_GEMV_MAX_M) return set_error(INT4OPS_ERR_ARGS, "%s: M must be 1..%d", prefix, INT4OPS_GEMV_MAX_M);
   if (N < 1 || K < 1 || K_rows * 8 < K || K_rows * 8 > K + 7 + (group_size > 0 ? group_size : 0))
     return set_error(INT4OPS_ERR_ARGS, "%s: bad sizes (K_rows=%d)", prefix, K_rows);
-  if (group_size < 32 || (group_size % 32 != 0 && group_size != K_rows * 8))
+  // Per channel the group is K_pad (any multiple of 8, e.g. 8 for K <= 8): one unit's group.
+  if (group_size != K_rows * 8 && (group_size < 32 || group_size % 32 != 0))
     return set_error(INT4OPS_ERR_ARGS, "%s: group_size must be a multiple of 32 or K_pad", prefix);
   if (act_dtype != INT4OPS_F16 && act_dtype != INT4OPS_BF16)
     return set_error(INT4OPS_ERR_ARGS, "%s: activations must be fp16 or bf16", prefix);

@@ -181,7 +181,8 @@ def _weight(n, k, group_size, sym, scale_dtype, seed=0):
     return quantize_rtn(w, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
 
 
-SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72)]  # (N, K): odd N/K, padded groups
+# (N, K): odd N/K, padded groups; K % 8 != 0 (scalar x path, padding tail); tiny per-channel K.
+SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72), (130, 172), (64, 100), (5, 8), (9, 20)]
 
 
 @pytest.mark.gpu
@@ -286,3 +287,24 @@ def test_errors_name_kernel_and_shapes():
         cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 128, 32, out=out[:, :10])
     info = cuda.library_info()
     assert info["loaded"] and info["cuda_driver_version"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_unaligned_activations_take_the_scalar_path(m):
+    _need_lib()
+    w = _weight(96, 256, 128, False, torch.float16)
+    base = torch.randn(m * 256 + 1, device="cuda", dtype=torch.float16)
+    x = base[1:].view(m, 256)  # 2-byte offset: no 16-byte vector loads of x possible
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 256, 128, out=poisoned((m, 96), torch.float16, "cuda"))
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[torch.float16]
+
+
+@pytest.mark.gpu
+def test_large_m_dequantizes_in_column_chunks(monkeypatch):
+    _need_lib()
+    monkeypatch.setattr(cuda, "DEQUANT_CHUNK_ELEMS", 64 * 256)  # force several chunks
+    w = _weight(300, 256, 64, True, torch.bfloat16)
+    x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 256, 64, out=poisoned((40, 300), torch.bfloat16, "cuda"))
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[torch.bfloat16]
