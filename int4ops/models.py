@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .format import FORMAT_VERSION, Int4FormatError, check_group_size
-from .nn import QuantLinear, linear_weight
+from .nn import QuantLinear, is_linear_like, linear_weight
 from .ops import check_backend
 
 log = logging.getLogger("int4ops")
@@ -68,10 +68,6 @@ def _matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -91,12 +87,14 @@ def replace_linear(
     Layers are quantized one at a time on the device their weight lives on, and each fp
     weight is released as soon as its QuantLinear is in place, so peak memory stays near the
     model's own size (models split over GPUs by ``device_map`` stay where they are).
-    ``skip`` holds module names or glob patterns (matched against the full name and its last
-    components). A weight shared with another module (tied embeddings) or offloaded to the
+    ``skip`` holds module names (a full name, or its last components such as ``lm_head`` or
+    ``mlp.down_proj``) or glob patterns matched against the full name (``*.self_attn.*``). A weight shared with another module (tied embeddings) or offloaded to the
     meta device is skipped, with the reason in the summary.
     """
     check_group_size(group_size)
     check_backend(backend)
+    if isinstance(skip, str):  # a lone name, not an iterable of its characters
+        skip = (skip,)
     summary = ReplaceSummary()
     # Count how many modules hold each weight tensor, to leave tied weights alone.
     owners: dict[int, int] = {}
@@ -105,7 +103,7 @@ def replace_linear(
             owners[id(p)] = owners.get(id(p), 0) + 1
     names = []
     for name, module in model.named_modules():
-        if not _is_linear(module):
+        if not is_linear_like(module):
             continue
         if _matches(name, skip):
             summary.skipped[name] = "in skip list"
@@ -165,10 +163,13 @@ def save_quantized(model: nn.Module, save_dir, tokenizer=None, max_shard_bytes: 
     from safetensors.torch import save_file
 
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
     modules = quantized_modules(model)
     if not modules:
         raise ValueError("model has no QuantLinear layers: run int4ops.replace_linear(model) first")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    # Weights of an earlier save in this folder would be picked up by other tools: remove them.
+    for stale in [*save_dir.glob("model*.safetensors"), save_dir / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
 
     # safetensors refuses tensors that share memory: keep the first name of each, record the rest.
     tensors, tied, seen = {}, {}, {}
@@ -245,6 +246,24 @@ def read_quantization_config(path) -> dict:
     return cfg
 
 
+def _named_tensors(model: nn.Module):
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner), leaf)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+    else:
+        module._buffers[leaf] = tensor
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
     """Create parameters on the meta device (no memory, no init work) while buffers such as
@@ -310,7 +329,7 @@ def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = Tru
             old = getattr(parent, child)
         except AttributeError:
             raise CheckpointError(f"{CONFIG_NAME} names module {name!r}, which the model does not have") from None
-        if not _is_linear(old):
+        if not is_linear_like(old):
             raise CheckpointError(f"{CONFIG_NAME} names {name!r} as quantized but it is a {type(old).__name__}")
         w = linear_weight(old)
         if (spec["out_features"], spec["in_features"]) != tuple(w.shape):
@@ -340,15 +359,18 @@ def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = Tru
             raise CheckpointError(f"{path / fname} does not match the model: {e}") from None
         loaded |= set(sd)
         del sd
-    missing = expected - loaded - set(qcfg.get("tied", {}))
+    tied = qcfg.get("tied", {})
+    missing = expected - loaded - set(tied)
     if missing:
         raise CheckpointError(f"checkpoint in {path} lacks tensors the model needs: {sorted(missing)[:5]}")
-    if qcfg.get("tied"):
-        model.tie_weights()
-    model.to(device)  # buffers not in the checkpoint (e.g. rotary) follow the weights
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    for name, source in tied.items():  # saved once: point every other name at the same tensor
+        if source not in loaded:
+            raise CheckpointError(f"{CONFIG_NAME} ties {name} to {source}, which the checkpoint lacks")
+        _set_tensor(model, name, _get_tensor(model, source))
+    still_meta = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"after loading {path}, these tensors have no values: {still_meta[:5]}")
+    model.to(device)  # buffers not in the checkpoint (e.g. rotary) follow the weights
     model.eval()
     return model
 

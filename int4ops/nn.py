@@ -83,6 +83,12 @@ class QuantLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Take the checkpoint's scale/bias dtype rather than casting into ours: an fp16 shell
+        # must not round bf16 or fp32 scales (a bf16 scale of 1e5 would become inf).
+        for name in ("scales", "bias"):
+            mine, theirs = getattr(self, name), state_dict.get(prefix + name)
+            if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+                setattr(self, name, torch.empty_like(mine, dtype=theirs.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # A sharded checkpoint fills the buffers over several calls: check once all are real.
         if all(b.device.type != "meta" for b in self.buffers()):
@@ -100,10 +106,13 @@ class QuantLinear(nn.Module):
         )
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or Hugging Face's GPT-2 ``Conv1D`` (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The [out_features, in_features] weight of an nn.Linear or a GPT-2 style Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t()  # Conv1D stores [in_features, out_features]
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    if not is_linear_like(module):
+        raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D: [in, out]

@@ -232,3 +232,28 @@ def test_real_model_stories260k_quality_and_round_trip(tmp_path):
     save_quantized(model, tmp_path, tokenizer=tok)
     loaded = load_quantized(tmp_path)
     assert torch.equal(logits(model, ids[None, :64]), logits(loaded, ids[None, :64]))
+
+
+def test_skip_accepts_a_single_name():
+    model = tiny_llama()
+    summary = replace_linear(model, skip="lm_head", progress=False)
+    assert "lm_head" in summary.skipped and "lm_head" not in summary.replaced
+
+
+def test_ties_not_declared_by_the_config_survive_save_load(tmp_path):
+    model = tiny_llama(tie=False)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied by hand
+    replace_linear(model, progress=False)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(model, IDS), logits(loaded, IDS))
+
+
+def test_resave_removes_stale_shards(tmp_path):
+    model = tiny_llama()
+    replace_linear(model, progress=False)
+    save_quantized(model, tmp_path, max_shard_bytes=100_000)
+    save_quantized(model, tmp_path)
+    assert [p.name for p in tmp_path.glob("model*.safetensors*")] == ["model.safetensors"]
+    assert torch.equal(logits(model, IDS), logits(load_quantized(tmp_path), IDS))
