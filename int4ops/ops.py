@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from .format import Int4Weight, validate
-from .reference import w4a16_matmul_reference
+from .format import Int4Weight
+from .reference import w4a16_grad_input_reference, w4a16_matmul_reference
 
 log = logging.getLogger("int4ops")
 
@@ -164,6 +164,23 @@ def w4a16_mm(
 @w4a16_mm.register_fake
 def _w4a16_mm_fake(x, qweight, scales, zeros, in_features, group_size, backend="auto"):
     return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+# Autograd: the packed weights are frozen (integer codes have no gradient), the activations
+# are not, so LoRA-style adapters and input gradients work through a QuantLinear.
+def _setup_context(ctx, inputs, output):
+    _, qweight, scales, zeros, in_features, group_size, _ = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.in_features, ctx.group_size = in_features, group_size
+
+
+def _backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    w = Int4Weight(qweight, scales, zeros, ctx.in_features, ctx.group_size)
+    return w4a16_grad_input_reference(grad, w), None, None, None, None, None, None
+
+
+w4a16_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def w4a16_linear(

@@ -24,6 +24,7 @@ from .format import (
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
+@torch.no_grad()  # codes have no gradient; a graph here would also keep the fp weight alive
 def quantize_rtn(
     weight: torch.Tensor,
     group_size: int = 128,
@@ -53,8 +54,6 @@ def quantize_rtn(
     n, k = weight.shape
     if n == 0 or k == 0:
         raise Int4FormatError(f"cannot quantize an empty weight of shape {(n, k)}")
-    if not torch.isfinite(weight).all():
-        raise Int4FormatError("weight contains NaN or Inf; refusing to quantize it")
 
     k_pad, g = padded_in_features(k, group_size), num_groups(k, group_size)
     gs = effective_group_size(k, group_size)
@@ -69,6 +68,8 @@ def quantize_rtn(
     rows = max(1, budget // (20 * k_pad))
     for r0 in range(0, n, rows):
         w = weight[r0 : r0 + rows].to(torch.float32)
+        if not torch.isfinite(w).all():  # checked per chunk: a whole-layer check costs a layer
+            raise Int4FormatError(f"weight contains NaN or Inf (in rows {r0}..{r0 + len(w) - 1}); refusing to quantize it")
         # Pad the last group with NaN so it does not take part in min/max, then view as groups.
         if k_pad != k:
             w = torch.nn.functional.pad(w, (0, k_pad - k), value=float("nan"))

@@ -22,9 +22,38 @@ def dequantize(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return ((q - z) * s).view(n, groups * gs)[:, : w.in_features].to(dtype)
 
 
+# Rows of W dequantized at a time: a few fp32 temporaries of [rows, K_pad] stay near 64 MiB
+# instead of several full-size copies of the layer.
+CHUNK_ELEMS = 4 << 20
+
+
+def _dequantized_row_chunks(w: Int4Weight):
+    """Yield (n0, n1, W[n0:n1] in fp32) over the output rows."""
+    rows = max(1, CHUNK_ELEMS // w.qweight.shape[0] // 8)
+    for n0 in range(0, w.out_features, rows):
+        n1 = min(n0 + rows, w.out_features)
+        part = Int4Weight(
+            w.qweight[:, n0:n1], w.scales[:, n0:n1], None if w.zeros is None else w.zeros[:, n0:n1],
+            w.in_features, w.group_size,
+        )
+        yield n0, n1, dequantize(part)
+
+
 def w4a16_matmul_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """``x @ dequantize(w).T`` for x of shape [..., K], accumulated in fp32, returned in x.dtype."""
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects in_features={w.in_features}")
-    y = x.to(torch.float32) @ dequantize(w).t()
+    xf = x.to(torch.float32)
+    y = torch.empty((*x.shape[:-1], w.out_features), dtype=torch.float32, device=x.device)
+    for n0, n1, wc in _dequantized_row_chunks(w):
+        y[..., n0:n1] = xf @ wc.t()
     return y.to(x.dtype)
+
+
+def w4a16_grad_input_reference(grad: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """``grad [..., N] @ dequantize(w) -> [..., K]``: the gradient of the matmul w.r.t. x."""
+    gf = grad.to(torch.float32)
+    gx = torch.zeros((*grad.shape[:-1], w.in_features), dtype=torch.float32, device=grad.device)
+    for n0, n1, wc in _dequantized_row_chunks(w):
+        gx += gf[..., n0:n1] @ wc
+    return gx.to(grad.dtype)

@@ -81,3 +81,24 @@ def test_bad_construction():
     q = QuantLinear.from_linear(nn.Linear(64, 8), group_size=32)
     with pytest.raises(ValueError, match="in_features=64"):
         q(torch.randn(2, 65))
+
+
+def test_gradients_flow_to_activations_not_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(72, 24)
+    q = QuantLinear.from_linear(lin, group_size=32)
+    x = torch.randn(3, 72, requires_grad=True)
+    q(x).square().sum().backward()
+    dense = x.detach().clone().requires_grad_(True)
+    (dense @ dequantize(q.weight_int4).t() + lin.bias).square().sum().backward()
+    assert torch.allclose(x.grad, dense.grad, atol=1e-4)
+    assert not any(b.requires_grad for b in q.buffers())
+
+
+def test_loading_keeps_the_checkpoint_scale_dtype():
+    src = QuantLinear.from_linear(nn.Linear(256, 16, bias=True).to(torch.bfloat16), group_size=128)
+    src.scales[0, 0] = 1e5  # representable in bf16, inf in fp16
+    dst = QuantLinear(256, 16, bias=True, group_size=128)  # fp16 shell
+    dst.load_state_dict(src.state_dict())
+    assert dst.scales.dtype == torch.bfloat16 and dst.bias.dtype == torch.bfloat16
+    assert torch.equal(dst.scales, src.scales)
