@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .format import Int4FormatError
+from .format import Int4FormatError, check_group_size
 from .models import CheckpointError
 
 log = logging.getLogger("int4ops")
@@ -57,6 +57,7 @@ def cmd_demo(args) -> int:
     from .models import replace_linear, tiny_llama
     from .ops import select_backend
 
+    check_group_size(args.group_size)  # before minutes of work, not after
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     print(
@@ -82,14 +83,15 @@ def cmd_demo(args) -> int:
     err = (out - ref).abs().max().item()
     rel = ((out - ref).norm() / ref.norm()).item()
     top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    backend = select_backend(prompt.new_empty(1, 1, dtype=dtype), "auto")
+    mlp = model.model.layers[0].mlp.down_proj  # the backend auto picks for one real layer and M
+    backend = select_backend(prompt.new_empty(args.tokens, mlp.in_features, dtype=dtype), "auto", mlp.out_features)
     group = "per-channel" if args.group_size == -1 else f"group {args.group_size}"
     print(f"quantized with RTN, {group}, {'symmetric' if args.sym else 'asymmetric'}")
     print(f"  {summary}")
     print(f"  whole model: {fp_bytes / 2**20:.1f} MiB -> {q_bytes / 2**20:.1f} MiB (embeddings/lm_head stay {str(dtype)[6:]})")
     print(f"logits vs the unquantized model on {args.tokens} random tokens:")
     print(f"  max abs error {err:.4f}, relative Frobenius error {rel:.4f}, top-1 agreement {top1:.1%}")
-    print(f"backend: {backend} (INT4OPS_BACKEND overrides)")
+    print(f"backend: {backend} for the {args.tokens}-token prefill (auto; INT4OPS_BACKEND overrides)")
     print(f"throughput on {device} (median wall clock):")
     print(f"  prefill {args.tokens} tokens: {fp_prefill:10.0f} tok/s {str(dtype)[6:]}  {q_prefill:10.0f} tok/s int4")
     print(f"  decode, batch 1:     {fp_decode:10.1f} tok/s {str(dtype)[6:]}  {q_decode:10.1f} tok/s int4")
@@ -156,17 +158,23 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="cmd")
 
-    def add_quant_args(p):
-        p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per channel)")
-        p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
+    def add_quant_args(p, defaults=True):
+        d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+        p.add_argument("--group-size", type=int, default=d(128), help="32, 64, 128, 256 or -1 (per channel)")
+        p.add_argument("--sym", action="store_true", default=d(False), help="symmetric (no zero points)")
 
-    demo = sub.add_parser("demo", help="the default: quantize a built-in tiny Llama and report")
-    for p in (parser, demo):
-        add_quant_args(p)
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--tokens", type=int, default=128, help="prompt length for error and prefill speed")
-        p.add_argument("--decode-steps", type=int, default=16)
+    def add_demo_args(p, defaults=True):
+        # The demo's options work before or after the word "demo"; the sub-command's copies
+        # default to SUPPRESS so they never overwrite what was given before it.
+        d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+        add_quant_args(p, defaults)
+        p.add_argument("--device", default=d(None), help="cpu or cuda (default: cuda if available)")
+        p.add_argument("--seed", type=int, default=d(0))
+        p.add_argument("--tokens", type=int, default=d(128), help="prompt length for error and prefill speed")
+        p.add_argument("--decode-steps", type=int, default=d(16))
+
+    add_demo_args(parser)
+    add_demo_args(sub.add_parser("demo", help="the default: quantize a built-in tiny Llama and report"), defaults=False)
 
     q = sub.add_parser("quantize", help="quantize a Hugging Face model directory")
     q.add_argument("src")
@@ -186,7 +194,12 @@ def main(argv=None) -> int:
     handlers = {None: cmd_demo, "demo": cmd_demo, "quantize": cmd_quantize, "info": cmd_info, "estimate": cmd_estimate}
     try:
         return handlers[args.cmd](args)
-    except (Int4FormatError, CheckpointError, FileNotFoundError) as e:
+    except ImportError as e:
+        if getattr(e, "name", None) == "transformers" or "transformers" in str(e):
+            print("int4ops: error: this command needs Hugging Face transformers: pip install 'int4ops[hf]'", file=sys.stderr)
+            return 2
+        raise
+    except (Int4FormatError, CheckpointError, OSError, ValueError) as e:
         print(f"int4ops: error: {e}", file=sys.stderr)
         return 2
 

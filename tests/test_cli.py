@@ -18,7 +18,7 @@ def test_demo_runs_with_no_arguments_and_reports(capsys):
     assert "replaced 28 linear layers" in out
     rel = float(out.split("relative Frobenius error ")[1].split(",")[0])
     assert 0 < rel < 0.6
-    for piece in ("backend: reference", "prefill 32 tokens", "decode, batch 1", "MiB ->"):
+    for piece in ("backend: reference for the 32-token prefill", "prefill 32 tokens", "decode, batch 1", "MiB ->"):
         assert piece in out
 
 
@@ -43,3 +43,13 @@ def test_info(capsys):
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["demo", "--group-size", "7", "--tokens", "8"]) == 2
     assert "group_size must be one of" in capsys.readouterr().err
+
+
+def test_options_before_the_demo_word_are_kept(capsys):
+    assert main(["--group-size", "64", "--sym", "demo", "--tokens", "8", "--decode-steps", "1"]) == 0
+    assert "group 64, symmetric" in capsys.readouterr().out
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "int4ops: error:" in capsys.readouterr().err
