@@ -33,10 +33,9 @@ GB = 1e9
 
 def int4_weight_bytes(n: int, k: int, group_size: int, sym: bool, scale_bytes: int = 2) -> int:
     """Bytes of one packed weight in the stored format (qweight + scales + zeros), K padding included."""
-    from int4ops.format import num_groups, padded_in_features
+    from int4ops.format import packed_nbytes
 
-    g, k_pad = num_groups(k, group_size), padded_in_features(k, group_size)
-    return (k_pad // 8) * n * 4 + g * n * scale_bytes + (0 if sym else g * n)
+    return packed_nbytes(n, k, group_size, sym, scale_bytes)
 
 
 def dense_weight_bytes(n: int, k: int, elem_bytes: int = 2) -> int:

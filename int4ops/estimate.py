@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from .format import num_groups, padded_in_features
+from .format import packed_nbytes
 
-GROUP_SIZES = (32, 64, 128, -1)
+DEFAULT_GROUP_SIZES = (32, 64, 128, -1)
 GIB = 2**30
 
 # Model types whose Hugging Face config defaults tie_word_embeddings to False.
@@ -119,13 +119,7 @@ def other_params(d: dict) -> int:
     return d["vocab"] * h + (2 * L + 1) * h  # embed_tokens, RMSNorm weights
 
 
-def int4_bytes(n: int, k: int, group_size: int, sym: bool, scale_bytes: int = 2) -> int:
-    """Bytes of one packed weight: int32 qweight [K_pad/8, N] + scales [G, N] + uint8 zeros [G, N]."""
-    g, k_pad = num_groups(k, group_size), padded_in_features(k, group_size)
-    return (k_pad // 8) * n * 4 + g * n * scale_bytes + (0 if sym else g * n)
-
-
-def estimate(config, group_sizes=GROUP_SIZES, skip=("lm_head",), kv_tokens: int = 1024, dtype_bytes: int = 2) -> dict:
+def estimate(config, group_sizes=DEFAULT_GROUP_SIZES, skip=("lm_head",), kv_tokens: int = 1024, dtype_bytes: int = 2) -> dict:
     """Weight memory in 16 bits and in int4 (every group size, sym and asym) and KV cache per ``kv_tokens``."""
     cfg = load_config(config)
     try:
@@ -143,7 +137,7 @@ def estimate(config, group_sizes=GROUP_SIZES, skip=("lm_head",), kv_tokens: int 
     out = {
         "model_type": d["model_type"], "dims": d, "params": total, "linear_params": lin_params,
         "fp16_bytes": dense, "bf16_bytes": dense, "int4": [],
-        "kv_cache_bytes_per_1k_tokens": 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * dtype_bytes * kv_tokens,
+        "kv_cache_bytes": 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * dtype_bytes * kv_tokens,
         "kv_tokens": kv_tokens,
         "notes": [],
     }
@@ -157,7 +151,7 @@ def estimate(config, group_sizes=GROUP_SIZES, skip=("lm_head",), kv_tokens: int 
     fixed = (rest + bias_params) * dtype_bytes + kept_bytes  # everything left in 16 bits
     for gs in group_sizes:
         for sym in (False, True):
-            qb = sum(int4_bytes(n, k, gs, sym, dtype_bytes) * c for _, n, k, c in quant)
+            qb = sum(packed_nbytes(n, k, gs, sym, dtype_bytes) * c for _, n, k, c in quant)
             out["int4"].append({"group_size": gs, "sym": sym, "bytes": qb + fixed, "quantized_bytes": qb,
                                 "fp16_bytes": fixed, "vs_fp16": (qb + fixed) / dense})
     out["kept_fp16"] = [name for name, *_ in kept] + ["embeddings", "norms"] + (["biases"] if bias_params else [])
@@ -196,8 +190,8 @@ def render(est: dict) -> str:
         "",
         f"int4 rows keep {', '.join(est['kept_fp16'])} in 16 bits "
         f"(qweight int32 with K padded to whole groups, 16-bit scales, uint8 zeros when asym).",
-        f"KV cache (16-bit, batch 1): {_size(est['kv_cache_bytes_per_1k_tokens'])} per {est['kv_tokens']} tokens "
-        f"({est['kv_cache_bytes_per_1k_tokens'] / est['kv_tokens'] / 2**10:.1f} KiB per token).",
+        f"KV cache (16-bit, batch 1): {_size(est['kv_cache_bytes'])} per {est['kv_tokens']} tokens "
+        f"({est['kv_cache_bytes'] / est['kv_tokens'] / 2**10:.1f} KiB per token).",
     ]
     lines += [f"note: {n}" for n in est["notes"]]
     return "\n".join(lines)

@@ -83,6 +83,12 @@ def effective_group_size(in_features: int, group_size: int) -> int:
     return padded_in_features(in_features, group_size) if group_size == -1 else group_size
 
 
+def packed_nbytes(out_features: int, in_features: int, group_size: int, sym: bool, scale_bytes: int = 2) -> int:
+    """Bytes of one weight in this format: qweight + scales + zeros, K padding included."""
+    g, k_pad = num_groups(in_features, group_size), padded_in_features(in_features, group_size)
+    return (k_pad // 8) * out_features * 4 + g * out_features * scale_bytes + (0 if sym else g * out_features)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack codes ``q`` (integer [N, K_pad], values 0..15, K_pad % 8 == 0) into int32 [K_pad // 8, N]."""
     if q.dim() != 2:

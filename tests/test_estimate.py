@@ -37,7 +37,7 @@ def test_llama3_8b_against_hand_computed():
     assert row(e, -1, False)["bytes"] == lin // 2 + rows * 3 + fp16_rest
     assert 5.3 < row(e, 128, False)["bytes"] / 2**30 < 5.4
     # KV cache: 2 (K and V) x 32 layers x 8 heads x 128 x 2 bytes x 1024 tokens = 128 MiB
-    assert e["kv_cache_bytes_per_1k_tokens"] == 2 * 32 * 8 * 128 * 2 * 1024 == 128 * 2**20
+    assert e["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 2 * 1024 == 128 * 2**20
 
 
 def test_quantize_lm_head_option():
@@ -59,7 +59,7 @@ def test_stories260k_counts_k_padding_and_tied_embeddings():
     assert r["quantized_bytes"] == 5 * per_layer
     assert r["fp16_bytes"] == 2 * (512 * 64 + 11 * 64)  # one tied embedding + norms; no separate lm_head
     assert "lm_head" not in e["kept_fp16"]
-    assert e["kv_cache_bytes_per_1k_tokens"] == 2 * 5 * 4 * 8 * 2 * 1024
+    assert e["kv_cache_bytes"] == 2 * 5 * 4 * 8 * 2 * 1024
 
 
 def test_gpt2_config():
@@ -68,7 +68,7 @@ def test_gpt2_config():
     e = estimate(cfg)
     assert e["params"] == 124_439_808  # GPT-2 small
     assert e["dims"]["tie"] and e["dims"]["intermediate"] == 3072
-    assert e["kv_cache_bytes_per_1k_tokens"] == 2 * 12 * 768 * 2 * 1024
+    assert e["kv_cache_bytes"] == 2 * 12 * 768 * 2 * 1024
 
 
 def test_qwen2_qkv_bias_and_mistral_defaults():
@@ -80,7 +80,7 @@ def test_qwen2_qkv_bias_and_mistral_defaults():
     assert not m["dims"]["tie"]  # mistral/llama/qwen2 default to untied embeddings
     hd = estimate({**base, "model_type": "qwen3", "head_dim": 128})  # head_dim != hidden / heads
     assert hd["dims"]["head_dim"] == 128
-    assert hd["kv_cache_bytes_per_1k_tokens"] == 2 * 2 * 2 * 128 * 2 * 1024
+    assert hd["kv_cache_bytes"] == 2 * 2 * 2 * 128 * 2 * 1024
 
 
 def test_errors_are_clear(tmp_path, capsys):
@@ -118,4 +118,4 @@ def test_cli_subcommand(tmp_path, capsys):
     cli = pytest.importorskip("int4ops.cli")
     assert cli.main(["estimate", str(p)]) == 0
     assert "int4 g128 asym" in capsys.readouterr().out
-    assert est_mod.GROUP_SIZES == (32, 64, 128, -1)
+    assert est_mod.DEFAULT_GROUP_SIZES == (32, 64, 128, -1)
