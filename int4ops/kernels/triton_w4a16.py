@@ -109,28 +109,29 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
     if kernel == "dequant":
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
-    if M <= 64:
-        # Memory-bound: one row tile, long K tiles, deep pipeline, split-K to fill the GPU.
-        block_m, block_n, block_k, num_warps, num_stages = max(16, _pow2_at_least(M)), 32, 128, 4, 4
-        fold_scale = False
+    if M <= 32:
+        # Memory-bound: one row tile, the words fetched once (split_dots, needs BLOCK_K >= 128),
+        # a deep pipeline, split-K to ~3 programs per SM.
+        block_m, block_n, block_k, num_warps, num_stages = max(16, _pow2_at_least(M)), 64 if M <= 8 else 128, 128, 4, 4
+        fold_scale, split_dots, waves = False, True, 3
     else:
-        # Compute-bound: the tutorial-sized 128x128 tile; the scale goes into the weight tile so
-        # that the accumulator chains through the MMAs.
+        # Compute-bound (reached only when forced: dequant + cuBLAS is 2-4x faster there on an
+        # H200): the tutorial-sized 128x128 tile, scale folded into the weight tile.
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
-        fold_scale = True
+        fold_scale, split_dots, waves = True, False, 2
     block_k = _block_k(group_size, K, block_k)
     block_n = max(16, min(block_n, _pow2_at_least(N)))
     tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
-    split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=2, cap=16)
+    split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=waves, cap=16)
     return dict(
-        kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
-        group_m=8, fold_scale=fold_scale, num_warps=num_warps, num_stages=num_stages,
+        kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, group_m=8,
+        fold_scale=fold_scale, split_dots=split_dots, num_warps=num_warps, num_stages=num_stages,
     )
 
 
 def default_kernel(M: int) -> str:
     """gemv streams the weights once per row: best at M <= 2. The fused GEMM wins while the
-    product is memory-bound; past M ~ 32 dequantize + cuBLAS wins (H200 measurements)."""
+    product is memory-bound; from M = 64 up dequantize + cuBLAS wins (H200 measurements)."""
     return "gemv" if M <= 2 else "gemm" if M <= 32 else "dequant"
 
 
