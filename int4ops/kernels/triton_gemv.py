@@ -6,21 +6,21 @@ can. Per K-tile a program
 
   * loads a [BLOCK_K // 8, BLOCK_N] int32 tile of qweight: each row is contiguous along N,
     so every thread issues 16-byte vector loads and a warp reads whole 512-byte lines;
-  * turns each of the 8 nibbles of a word into ``q - z`` in fp32 with no int->float
-    conversion (see ``codes_minus_zero``) and multiplies by the matching x element;
+  * turns each of the 8 codes of a word into ``q - z`` in fp32 with one LOP3 and one FADD
+    (no shift for codes 0..4, no int->float convert: see the loop) and FMAs it with x;
   * keeps the partial sums 2-D ([BLOCK_K // 8, BLOCK_N]) across the whole K loop and does
     the one cross-thread reduction at the very end.
 
 Because BLOCK_K divides the group size, a K-tile lies inside one group: the scale is applied
 once per tile to the [BLOCK_K // 8, BLOCK_N] partial instead of once per code, and the zero
-point folds into the constant subtracted while unpacking. Per code that leaves
-shift, and|or, fsub, ffma.
+point folds into the constant subtracted while unpacking. Measured on an H200 this kernel is
+issue-bound (~6 instructions per code all told, see notes/triton_kernels.md), not HBM-bound.
 
 When N / BLOCK_N programs cannot fill the GPU, K is split over a second grid axis: each
 split writes fp32 partial sums to its own slice of a workspace and ``splitk_reduce_kernel``
 adds the slices in a fixed order (deterministic, no atomics, no zero-fill, capturable).
 
-This module also holds the two small pieces the GEMM kernel shares with it.
+This module also holds the pieces the GEMM kernels share with it (unpacking, split-K).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,  # divides group_size, so a K-tile never straddles two groups
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (every real layer)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # > 1: tl.range stages the tile loads through shared memory (cp.async)
 ):
     row = tl.program_id(0)  # fastest axis: rows sharing a weight tile run back to back (L2 reuse)
     pid_n = tl.program_id(1)
@@ -188,7 +188,7 @@ def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return tiles_per_split * block_k, triton.cdiv(k_tiles, tiles_per_split)
 
 
-def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, block_k, split_k, num_warps=4, num_stages=3):
+def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, block_k, split_k, num_warps=4, num_stages=1):
     """Launch the decode kernel. Arguments are checked and contiguous (see triton_w4a16)."""
     M, N = out.shape
     k_per_split, split_k = k_split(K, block_k, split_k)
