@@ -90,7 +90,9 @@ $PY -c "import int4ops, int4ops.kernels.cuda as c; print('int4ops', int4ops.__fi
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   stage "GPU tests (pytest -m gpu tests)"
-  run_limited 120 $PY -m pytest -q -p no:cacheprovider --tb=short -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+  # -v: one line per test, so a stage cut off at its limit still names every failure so far.
+  run_limited ${TLIM_TESTS:-200} $PY -m pytest -v -p no:cacheprovider --tb=short -m gpu tests 2>&1 \
+    | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 40
   RC_TESTS=$?; echo "gpu tests rc=$RC_TESTS"
 fi
 

@@ -54,7 +54,7 @@ def kernels_markdown(doc: dict) -> str:
     bw, peaks = doc.get("bandwidth") or {}, doc.get("matmul_peak") or {}
     a = doc.get("args", {})
     lines.append(
-        f"Measured in the same run: copy bandwidth **{fmt(bw.get('gbps'), '.0f')} GB/s** (read+write), dense matmul peak "
+        f"Measured in the same run: memory bandwidth **{fmt(bw.get('gbps'), '.0f')} GB/s** (best of a copy, read+write: {fmt(bw.get('copy_gbps'), '.0f')}, and a read-only pass: {fmt(bw.get('read_gbps'), '.0f')}), dense matmul peak "
         + ", ".join(f"**{v['tflops']:.0f} TFLOP/s** {k}" for k, v in peaks.items())
         + f". Group size {a.get('group_size')}, {'symmetric' if a.get('sym') else 'asymmetric (zeros)'}."
     )
