@@ -215,3 +215,17 @@ def test_kernels_triton_backend_under_interpreter(tmp_path):
                          "--reps", "1", "--backends", "triton", "--no-plot", "--out", str(out)]) == 0
     pts = [p for p in json.loads(out.read_text())["results"] if p["backend"] == "triton"]
     assert [p["m"] for p in pts] == [1, 64] and all(p["ms"] and p["rel_err"] < 2e-3 for p in pts)
+
+
+def test_compare_two_runs():
+    from bench import compare
+
+    def doc(ms):
+        return {"env": {"date": "d", "gpu": "g"}, "results": [
+            {"shape": "s", "m": 1, "dtype": "fp16", "backend": "triton", "ms": ms, "p10": ms * 0.98, "p90": ms * 1.02},
+            {"shape": "s", "m": 2, "dtype": "fp16", "backend": "triton", "ms": 1.0, "p10": 0.99, "p90": 1.01},
+        ]}
+
+    rows = compare.compare(doc(1.0), doc(1.1))
+    assert [r["agrees"] for r in rows] == [False, True]  # 9.5% apart vs a 4% spread; identical
+    assert "2 common points" in compare.summary(rows) and "50% within their own reported spread" in compare.summary(rows)
