@@ -4,7 +4,7 @@
 
 For each (shape N x K, M) it takes the int4ops backend (triton or cuda) with the lowest median
 time summed over the dtypes measured, and merges the result, keyed by GPU name, into
-``int4ops/kernels/tuned/auto_backend.json``. ``int4ops.ops.select_backend`` reads that file:
+``int4ops/kernels/auto_backend.json``. ``int4ops.ops.select_backend`` reads that file:
 the exact shape when it was measured, else the backend that won most shapes at the nearest M.
 """
 
@@ -15,7 +15,7 @@ import collections
 import json
 from pathlib import Path
 
-TABLE = Path(__file__).resolve().parent.parent / "int4ops" / "kernels" / "tuned" / "auto_backend.json"
+TABLE = Path(__file__).resolve().parent.parent / "int4ops" / "kernels" / "auto_backend.json"
 CANDIDATES = ("triton", "cuda")
 
 

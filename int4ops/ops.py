@@ -62,7 +62,7 @@ def _announce(backend: str, why: str) -> None:
         log.info("int4ops: using the %s backend (%s)", backend, why)
 
 
-AUTO_TABLE = Path(__file__).resolve().parent / "kernels" / "tuned" / "auto_backend.json"
+AUTO_TABLE = Path(__file__).resolve().parent / "kernels" / "auto_backend.json"
 
 
 @functools.lru_cache(maxsize=None)
