@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TOL, poisoned, rel_err
-from int4ops import quantize_rtn, w4a16_matmul_reference
+from int4ops import dequantize, quantize_rtn, w4a16_matmul_reference
 from int4ops.format import Int4FormatError
 from int4ops.kernels import triton_w4a16 as tw
 
@@ -36,6 +36,17 @@ def make_problem(M, N, K, group_size, sym, dtype, scale_dtype=None, device=DEVIC
 
 def args(x, w):
     return x, w.qweight, w.scales, w.zeros, w.in_features, w.group_size
+
+
+def check_w_rounding_path(out, x, w, ref, dtype, what):
+    """For paths that round W to x.dtype before a GEMM (``dequant``), bound the error by the
+    standard dot-product bound, relative to |x| @ |W|.T rather than to the output: a lone
+    output whose terms cancel would otherwise fail on a correct kernel (seen ~1 in 30 runs
+    at N = 1 in bf16, where the interpreter also rounds fp32 -> bf16 by truncation)."""
+    assert out.dtype == dtype and out.shape == ref.shape, what
+    scale = x.float().abs() @ dequantize(w).abs().t()
+    err = ((out.double() - ref.double()).norm() / scale.double().norm()).item() if torch.isfinite(out).all() else math.inf
+    assert err <= TOL[dtype], f"{what}: error {err:.2e} relative to |x||W| > {TOL[dtype]:.0e}"
 
 
 def check(out, ref, dtype, what):
@@ -65,14 +76,12 @@ def case_id(c):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_matches_reference(kernel, case):
     M, N, K, gs, sym, dtype, sdt = case
-    if kernel == "dequant" and N == 1:
-        # This path rounds W to x.dtype (2^-9 relative per weight in bf16, 2^-12 in fp16) before
-        # the GEMM, as any dequantize + GEMM does: a lone output whose 64..256 terms cancel can
-        # then miss the tolerance (seen about 1 run in 10). Many outputs average it out.
-        N = 33
     x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
     out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, DEVICE))
-    check(out, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
+    if kernel == "dequant":
+        check_w_rounding_path(out, x, w, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
+    else:
+        check(out, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
 
 
 # Configs the heuristics rarely pick on small shapes: several K-tiles per group, tiles wider
@@ -112,7 +121,10 @@ def test_op_with_forced_kernel(kernel, case, monkeypatch):
     M, N, K, gs, sym, dtype, sdt = case
     x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
     out = torch.ops.int4ops.w4a16_mm(*args(x, w), backend="triton")
-    check(out, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
+    if kernel == "dequant":
+        check_w_rounding_path(out, x, w, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
+    else:
+        check(out, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
 
 
 @pytest.mark.parametrize("M", (1, 16, 33))
