@@ -137,8 +137,7 @@ def select_backend(x: torch.Tensor, requested: str, n: int | None = None) -> str
     return backend
 
 
-@torch.library.custom_op("int4ops::w4a16_mm", mutates_args=())
-def w4a16_mm(
+def _w4a16_mm_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -159,6 +158,9 @@ def w4a16_mm(
         return cuda.w4a16_matmul(x, qweight, scales, zeros, in_features, group_size)
     w = Int4Weight(qweight, scales, zeros, in_features, group_size)
     return w4a16_matmul_reference(x, w)
+
+
+w4a16_mm = torch.library.custom_op("int4ops::w4a16_mm", _w4a16_mm_impl, mutates_args=())
 
 
 @w4a16_mm.register_fake
@@ -208,7 +210,13 @@ def w4a16_linear(
     x2 = x.reshape(-1, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = torch.ops.int4ops.w4a16_mm(x2, qweight, scales, zeros, in_features, group_size, backend)
+    if type(x2) is torch.Tensor and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad):
+        # Eager inference on plain tensors: the op's own implementation, without the custom-op
+        # dispatcher, which costs ~40 us a call (its output checks; bench/overhead.py, H200).
+        # Tracing (torch.compile, export, fake tensors) and autograd go through the op.
+        y = _w4a16_mm_impl(x2, qweight, scales, zeros, in_features, group_size, backend)
+    else:
+        y = torch.ops.int4ops.w4a16_mm(x2, qweight, scales, zeros, in_features, group_size, backend)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, qweight.shape[1])

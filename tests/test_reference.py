@@ -80,3 +80,22 @@ def test_auto_uses_the_measured_table(monkeypatch, tmp_path):
     assert t["*"][1] == "cuda"  # the most shapes' winner at M = 1, for unmeasured shapes
     assert ops._measured_table("Some Other GPU") == {}
     ops._measured_table.cache_clear()
+
+
+def test_compile_fullgraph_traces_the_op_not_its_implementation():
+    from torch import nn
+
+    from int4ops import QuantLinear
+
+    q = QuantLinear.from_linear(nn.Linear(64, 16), group_size=32)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        out = torch.compile(q, backend=backend, fullgraph=True)(x)
+    assert any("int4ops.w4a16_mm" in t for t in seen), seen
+    assert torch.equal(out, q(x))  # eager inference takes the direct path: same numbers
