@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import codes_minus_zero, k_split, magic_bias, splitk_finish, splitk_target
+from .triton_gemv import codes_minus_zero, k_split, load_scale_zero, magic_bias, splitk_finish, splitk_target
 
 
 @triton.jit
@@ -73,11 +73,7 @@ def w4a16_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         g = k0 // group_size
-        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        else:
-            zero = tl.zeros_like(scale) + 8.0
+        scale, zero = load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS, False)
         if SPLIT_DOTS:
             words = k0 // 8 + offs_word
             qw = tl.load(qweight_ptr + words[:, None] * N + offs_n[None, :],
@@ -169,11 +165,7 @@ def w4a16_dequant_kernel(
     qw = tl.load(qweight_ptr + words[:, None] * N + offs_n[None, :],
                  mask=(words[:, None] < K_WORDS) & n_mask[None, :], other=0)
     g = k0 // group_size
-    scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-    else:
-        zero = tl.zeros_like(scale) + 8.0
+    scale, zero = load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS, False)
     # [BLOCK_K // 8, 8, BLOCK_N]: code j of word i is k = k0 + 8 i + j, contiguous along j in w.
     j = tl.arange(0, 8)
     q = codes_minus_zero(qw[:, None, :], (j * 4)[None, :, None], magic_bias(zero, tl.float32)[None, None, :],

@@ -140,6 +140,14 @@ def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N, offs_w
         qw = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
     else:
         qw = tl.load(w_ptrs, mask=((k0 // 8 + offs_word) < K_WORDS)[:, None] & n_mask[None, :], other=0)
+    scale, zero = load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS, EVEN_N)
+    return qw, scale, zero
+
+
+@triton.jit
+def load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS: tl.constexpr, EVEN_N: tl.constexpr):
+    """Scale and zero point of group ``g`` for columns ``offs_n``, as fp32 [BLOCK_N] (zero point 8
+    when symmetric). EVEN_N drops the column mask (N a multiple of BLOCK_N)."""
     if EVEN_N:
         scale = tl.load(scales_ptr + g * N + offs_n).to(tl.float32)
     else:
@@ -150,7 +158,7 @@ def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N, offs_w
         zero = tl.load(zeros_ptr + g * N + offs_n).to(tl.float32)
     else:
         zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-    return qw, scale, zero
+    return scale, zero
 
 
 @triton.jit
