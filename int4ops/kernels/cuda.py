@@ -43,8 +43,10 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)
 # w4a16_matmul dequantizes and calls cuBLAS. See notes/cuda_backend.md for the crossover.
 GEMV_MAX_M = 8
 # The dequantize + cuBLAS path dequantizes at most this many weight elements at a time
-# (128 MiB of fp16), so a huge layer does not need a full dense copy at once.
-DEQUANT_CHUNK_ELEMS = 64 << 20
+# (512 MiB of fp16), so a huge layer does not need a full dense copy at once. Not smaller:
+# each extra chunk costs a copy of its output slice, measured 10-17% of the layer's time on
+# an H200 at 64 Mi (28672x4096, M >= 1024); at 256 Mi no Llama-70B layer is split.
+DEQUANT_CHUNK_ELEMS = 256 << 20
 
 
 class CudaLibraryError(RuntimeError):
