@@ -144,3 +144,28 @@ def test_model_split_over_two_gpus():
     with torch.no_grad():
         y = model[1](model[0](x).to("cuda:1"))
     assert y.device == torch.device("cuda:1") and torch.isfinite(y).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_hf_device_map_over_two_gpus(tmp_path):
+    pytest.importorskip("accelerate")
+    src = hf_llama(dtype=torch.float16, device="cpu")
+    src.save_pretrained(tmp_path / "fp16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp16", dtype=torch.float16, device_map="auto", max_memory={0: "40MiB", 1: "10GiB", "cpu": "1GiB"}
+    ).eval()
+    devices = {p.device for p in model.parameters()}
+    assert devices == {torch.device("cuda:0"), torch.device("cuda:1")}, devices
+    summary = replace_linear(model, group_size=128, progress=False)
+    assert len(summary.replaced) == 4 * 7
+    # each layer was quantized where its weight lives, and runs there
+    assert {m.qweight.device for m in model.modules() if isinstance(m, QuantLinear)} == devices
+    ids = torch.randint(0, 4096, (1, 9), device="cuda:0")
+    with torch.no_grad():
+        out = model(ids).logits.float().cpu()
+        ref_model = copy.deepcopy(model)
+        for m in ref_model.modules():
+            if isinstance(m, QuantLinear):
+                m.backend = "reference"
+        ref = ref_model(ids).logits.float().cpu()
+    assert rel_err(out, ref) < 2e-3
