@@ -151,8 +151,10 @@ def test_hf_device_map_over_two_gpus(tmp_path):
     pytest.importorskip("accelerate")
     src = hf_llama(dtype=torch.float16, device="cpu")
     src.save_pretrained(tmp_path / "fp16")
+    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+             "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "fp16", dtype=torch.float16, device_map="auto", max_memory={0: "40MiB", 1: "10GiB", "cpu": "1GiB"}
+        tmp_path / "fp16", dtype=torch.float16, device_map=split
     ).eval()
     devices = {p.device for p in model.parameters()}
     assert devices == {torch.device("cuda:0"), torch.device("cuda:1")}, devices
