@@ -185,6 +185,17 @@ def _backward(ctx, grad):
 w4a16_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _plain_eager_inference(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """True when nothing could observe the difference between calling the op and calling its
+    implementation: plain tensors, no tracer (torch.compile, export, jit.trace, make_fx),
+    no dispatch mode or functorch transform (vmap, grad), and no gradient wanted."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad))
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -210,10 +221,9 @@ def w4a16_linear(
     x2 = x.reshape(-1, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if type(x2) is torch.Tensor and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad):
-        # Eager inference on plain tensors: the op's own implementation, without the custom-op
-        # dispatcher, which costs ~40 us a call (its output checks; bench/overhead.py, H200).
-        # Tracing (torch.compile, export, fake tensors) and autograd go through the op.
+    if _plain_eager_inference(x2, scales):
+        # The op's own implementation, without the custom-op dispatcher, which costs ~40 us a
+        # call (bench/results/overhead_h200_2026-11-22.txt). Everything else goes through the op.
         y = _w4a16_mm_impl(x2, qweight, scales, zeros, in_features, group_size, backend)
     else:
         y = torch.ops.int4ops.w4a16_mm(x2, qweight, scales, zeros, in_features, group_size, backend)

@@ -99,3 +99,23 @@ def test_compile_fullgraph_traces_the_op_not_its_implementation():
         out = torch.compile(q, backend=backend, fullgraph=True)(x)
     assert any("int4ops.w4a16_mm" in t for t in seen), seen
     assert torch.equal(out, q(x))  # eager inference takes the direct path: same numbers
+
+
+def test_tracers_and_transforms_see_the_op():
+    from torch import nn
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from int4ops import QuantLinear
+
+    q = QuantLinear.from_linear(nn.Linear(64, 16), group_size=32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        graph = make_fx(q, tracing_mode="real")(x)
+        assert any("int4ops.w4a16_mm" in str(n.target) for n in graph.graph.nodes)
+        traced = torch.jit.trace(q, x, check_trace=False)
+        assert "int4ops::w4a16_mm" in str(traced.graph)
+        assert torch.allclose(torch.vmap(q)(x.unsqueeze(1)).squeeze(1), q(x), atol=1e-6)
+    # gradients do not depend on whether x requires grad: the op never differentiates scales
+    q.scales.requires_grad_(True)
+    q(x).sum().backward()
+    assert q.scales.grad is None
