@@ -166,11 +166,6 @@ def save_quantized(model: nn.Module, save_dir, tokenizer=None, max_shard_bytes: 
     modules = quantized_modules(model)
     if not modules:
         raise ValueError("model has no QuantLinear layers: run int4ops.replace_linear(model) first")
-    save_dir.mkdir(parents=True, exist_ok=True)
-    # Weights of an earlier save in this folder would be picked up by other tools: remove them.
-    for stale in [*save_dir.glob("model*.safetensors"), save_dir / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-
     # safetensors refuses tensors that share memory: keep the first name of each, record the rest.
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -193,13 +188,32 @@ def save_quantized(model: nn.Module, save_dir, tokenizer=None, max_shard_bytes: 
         size += nbytes
     shards.append(current)
 
-    files = {}
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, save_dir / fname, metadata={"format": "pt", "int4ops_format": str(FORMAT_VERSION)})
-        files[fname] = {"sha256": _sha256(save_dir / fname)}
-        weight_map.update(dict.fromkeys(shard, fname))
+    # Write every shard under a temporary name first: a save that fails part-way leaves an
+    # earlier checkpoint in this folder intact. Then drop the weight files that earlier
+    # checkpoint listed (only those: other files are the user's) and move the new ones in.
+    save_dir.mkdir(parents=True, exist_ok=True)
+    files, weight_map, written = {}, {}, []
+    try:
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tmp = save_dir / f".{fname}.tmp"
+            written.append(tmp)
+            save_file(shard, tmp, metadata={"format": "pt", "int4ops_format": str(FORMAT_VERSION)})
+            files[fname] = {"sha256": _sha256(tmp)}
+            weight_map.update(dict.fromkeys(shard, fname))
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
+        previous = json.loads((save_dir / CONFIG_NAME).read_text()).get("files", {})
+    except (OSError, ValueError):
+        previous = {}
+    for old_name in [*previous, "model.safetensors.index.json"]:
+        if "/" not in old_name and old_name not in files:
+            (save_dir / old_name).unlink(missing_ok=True)
+    for fname in files:
+        (save_dir / f".{fname}.tmp").replace(save_dir / fname)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
         index["weight_map"] = weight_map

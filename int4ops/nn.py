@@ -84,10 +84,12 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Take the checkpoint's scale/bias dtype rather than casting into ours: an fp16 shell
-        # must not round bf16 or fp32 scales (a bf16 scale of 1e5 would become inf).
+        # must not round bf16 or fp32 scales (a bf16 scale of 1e5 would become inf). Only for
+        # tensors of the right shape: a mismatched load must fail with this layer unchanged.
         for name in ("scales", "bias"):
             mine, theirs = getattr(self, name), state_dict.get(prefix + name)
-            if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+            if (mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype
+                    and theirs.shape == mine.shape):
                 setattr(self, name, torch.empty_like(mine, dtype=theirs.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # A sharded checkpoint fills the buffers over several calls: check once all are real.

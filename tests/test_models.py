@@ -257,3 +257,19 @@ def test_resave_removes_stale_shards(tmp_path):
     save_quantized(model, tmp_path)
     assert [p.name for p in tmp_path.glob("model*.safetensors*")] == ["model.safetensors"]
     assert torch.equal(logits(model, IDS), logits(load_quantized(tmp_path), IDS))
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_user_files(tmp_path):
+    model = tiny_llama()
+    replace_linear(model, progress=False)
+    save_quantized(model, tmp_path)
+    (tmp_path / "model_fp16_backup.safetensors").write_bytes(b"mine")
+    broken = copy.deepcopy(model)
+    broken.model.norm.weight = torch.nn.Parameter(torch.empty(128, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        save_quantized(broken, tmp_path)
+    assert torch.equal(logits(model, IDS), logits(load_quantized(tmp_path), IDS))
+    save_quantized(model, tmp_path, max_shard_bytes=100_000)  # a new layout replaces the old one
+    assert not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model_fp16_backup.safetensors").read_bytes() == b"mine"
+    assert not list(tmp_path.glob(".*.tmp"))
