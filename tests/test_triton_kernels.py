@@ -39,14 +39,18 @@ def args(x, w):
 
 
 def check_w_rounding_path(out, x, w, ref, dtype, what):
-    """For paths that round W to x.dtype before a GEMM (``dequant``), bound the error by the
-    standard dot-product bound, relative to |x| @ |W|.T rather than to the output: a lone
-    output whose terms cancel would otherwise fail on a correct kernel (seen ~1 in 30 runs
-    at N = 1 in bf16, where the interpreter also rounds fp32 -> bf16 by truncation)."""
+    """Paths that round W to x.dtype before a GEMM (``dequant``). With many outputs the usual
+    relative check applies (measured worst 4.2e-3 bf16 / 3.7e-4 fp16 at N >= 33). With few, a
+    lone output whose terms cancel can miss it on a correct kernel, so each element is held
+    to the rounding bound instead: |out - ref| <= 2 ulp * (|x| @ |W|.T), ulp = 2^-7 (bf16,
+    which the interpreter rounds by truncation) or 2^-10 (fp16)."""
+    if out.shape[1] >= 33:
+        return check(out, ref, dtype, what)
     assert out.dtype == dtype and out.shape == ref.shape, what
-    scale = x.float().abs() @ dequantize(w).abs().t()
-    err = ((out.double() - ref.double()).norm() / scale.double().norm()).item() if torch.isfinite(out).all() else math.inf
-    assert err <= TOL[dtype], f"{what}: error {err:.2e} relative to |x||W| > {TOL[dtype]:.0e}"
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    bound = 2 * ulp * (x.float().abs() @ dequantize(w).abs().t())
+    excess = ((out.float() - ref).abs() / bound).nan_to_num(math.inf).max().item()
+    assert excess <= 1, f"{what}: an element is {excess:.2f}x its rounding bound"
 
 
 def check(out, ref, dtype, what):
