@@ -64,22 +64,48 @@ def test_env_override_and_cpu_auto(monkeypatch):
         select_backend(x, "auto")
 
 
-def test_auto_uses_the_measured_table(monkeypatch, tmp_path):
+@pytest.fixture
+def measured_table(monkeypatch, tmp_path):
+    """A fake measured table for a fake GPU, with the lookup caches cleared before and after."""
     import json
 
     from int4ops import ops
 
-    table = {"NVIDIA Test GPU": {"source": "x.json", "date": "d", "group_size": 128,
-             "shapes": {"64x32": {"1": "cuda", "64": "triton"}, "128x32": {"1": "cuda", "64": "cuda"}}}}
+    table = {"NVIDIA Test GPU": {"source": "x.json", "date": "d", "group_size": 128, "shapes": {
+        "64x32": {"1": "cuda", "4": "triton", "64": "triton"},
+        "128x32": {"1": "cuda", "4": "cuda", "64": "cuda"},
+        "256x32": {"1": "cuda", "4": "triton", "64": "triton"},
+    }}}
     path = tmp_path / "auto_backend.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(ops, "AUTO_TABLE", path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test GPU")
+    ready = {"triton": True, "cuda": True}
+    monkeypatch.setattr(ops, "_triton_ready", lambda x: ready["triton"])
+    monkeypatch.setattr(ops, "_cuda_ready", lambda x: ready["cuda"])
     ops._measured_table.cache_clear()
+    ops._auto_cuda.cache_clear()
+    yield ops, ready
+    ops._measured_table.cache_clear()
+    ops._auto_cuda.cache_clear()
+
+
+def test_auto_uses_the_measured_table(measured_table):
+    ops, ready = measured_table
+    dev, f16 = torch.device("cpu"), torch.float16  # the device only keys the cache here
     t = ops._measured_table("NVIDIA Test GPU")
-    assert t["64x32"] == {1: "cuda", 64: "triton"}
-    assert t["*"][1] == "cuda"  # the most shapes' winner at M = 1, for unmeasured shapes
+    assert t["64x32"] == {1: "cuda", 4: "triton", 64: "triton"}
+    assert t["*"] == {1: "cuda", 4: "triton", 64: "triton"}  # most shapes' winner per M
     assert ops._measured_table("Some Other GPU") == {}
-    ops._measured_table.cache_clear()
+    assert ops._auto_cuda(dev, f16, 1, 64, 32)[0] == "cuda"  # exact shape and M
+    assert ops._auto_cuda(dev, f16, 3, 64, 32)[0] == "triton"  # nearest M in log scale: 4
+    assert ops._auto_cuda(dev, f16, 45, 128, 32)[0] == "cuda"  # nearest is 64
+    assert ops._auto_cuda(dev, f16, 2, 999, 32)[0] == "cuda"  # unmeasured shape: "*", M 2 -> 1 (tie: smaller)
+    assert ops._auto_cuda(dev, f16, 16, 999, 32)[0] == "triton"
+    assert ops._auto_cuda(dev, torch.float32, 1, 64, 32)[0] == "reference"
+    ready["cuda"] = False
+    ops._auto_cuda.cache_clear()
+    assert ops._auto_cuda(dev, f16, 1, 64, 32) == ("triton", "auto: Triton kernels available")
 
 
 def test_compile_fullgraph_traces_the_op_not_its_implementation():
