@@ -327,13 +327,26 @@ def measure(model, label, args, device, dtype, run: dict, ref_logits=None) -> di
     return run
 
 
-def int4_backend_name(device, dtype, requested) -> str:
-    try:
-        from int4ops.ops import select_backend
+def int4_backends_used(model, device, dtype, requested, ms) -> str:
+    """Which backend each quantized layer runs at each M of the run, e.g.
+    "M=1: triton 160, cuda 64; M=2048: triton 224" (auto decides per layer shape and M)."""
+    import collections
 
-        return select_backend(torch.empty(1, 8, device=device, dtype=dtype), requested)
-    except Exception as e:  # noqa: BLE001
-        return f"? ({type(e).__name__}: {e})"
+    from int4ops import QuantLinear
+    from int4ops.ops import select_backend
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    parts = []
+    for m in ms:
+        try:
+            counts = collections.Counter(
+                select_backend(torch.empty(m, q.in_features, device=device, dtype=dtype), requested, q.out_features)
+                for q in layers
+            )
+            parts.append(f"M={m}: " + ", ".join(f"{b} {c}" for b, c in counts.most_common()))
+        except Exception as e:  # noqa: BLE001
+            parts.append(f"M={m}: ? ({type(e).__name__}: {e})")
+    return "; ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -393,8 +406,10 @@ def main(argv=None) -> int:
             break
         run["build_s"] = time.perf_counter() - t0
         if weights == "int4":
-            run["int4_backend"] = int4_backend_name(device, dtype, args.backend)
-            run["weights"] = f"int4 g{args.group_size} {'sym' if args.sym else 'asym'} ({run['int4_backend']})"
+            ms = sorted({*args.batches, *([args.prefill_len] if args.prefill_len else [])})
+            run["int4_backend"] = int4_backends_used(model, device, dtype, args.backend, ms)
+            run["weights"] = f"int4 g{args.group_size} {'sym' if args.sym else 'asym'} ({args.backend})"
+            run.setdefault("notes", []).append(f"backends per layer: {run['int4_backend']}")
         log.info("%s %s built in %.1fs", args.model, weights, run["build_s"])
         save()
         measure(model, weights, args, device, dtype, run, ref_logits if weights == "int4" else None)
