@@ -21,6 +21,7 @@ from .models import CheckpointError
 log = logging.getLogger("int4ops")
 
 
+@torch.no_grad()  # inference, as users run it: no autograd graph recorded while timing
 def _time_per_call(fn, device: torch.device, min_seconds: float = 0.5, max_iters: int = 50) -> float:
     """Median seconds per call of ``fn`` after one warm-up call."""
     fn()
@@ -40,7 +41,6 @@ def _time_per_call(fn, device: torch.device, min_seconds: float = 0.5, max_iters
 def _decode_tokens_per_s(model, ids, steps: int, device) -> float:
     """Greedy token-by-token decoding (M = 1 per layer) after a prompt, with the KV cache."""
 
-    @torch.no_grad()
     def run():
         out = model(ids, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
