@@ -40,16 +40,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _triton_ready(x: torch.Tensor) -> bool:
+def _triton_ready(device: torch.device) -> bool:
     from .kernels import triton_w4a16
 
-    return triton_w4a16.available(x.device)
+    return triton_w4a16.available(device)
 
 
-def _cuda_ready(x: torch.Tensor) -> bool:
+def _cuda_ready(device: torch.device) -> bool:
     from .kernels import cuda
 
-    return x.is_cuda and cuda.available(x.device)
+    return device.type == "cuda" and cuda.available(device)
 
 
 _announced: set = set()
@@ -89,8 +89,7 @@ def _auto_cuda(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int)
     else the CUDA library, else the reference. Cached, so the choice costs a dict lookup."""
     if dtype not in KERNEL_DTYPES:
         return "reference", f"activations are {dtype}; kernels take fp16/bf16"
-    x = torch.empty(0, device=device, dtype=dtype)
-    ready = {"triton": _triton_ready(x), "cuda": _cuda_ready(x)}
+    ready = {"triton": _triton_ready(device), "cuda": _cuda_ready(device)}
     gpu = torch.cuda.get_device_name(device)
     table = _measured_table(gpu)
     by_m = table.get(f"{n}x{k}") or table.get("*")
@@ -116,14 +115,14 @@ def select_backend(x: torch.Tensor, requested: str, n: int | None = None) -> str
     if requested == "reference":
         return "reference"
     if requested == "triton":
-        if not _triton_ready(x):
+        if not _triton_ready(x.device):
             raise RuntimeError(
                 f"backend='triton' was requested but Triton cannot run on {x.device} "
                 "(needs a CUDA tensor and Triton, or TRITON_INTERPRET=1 on the CPU)"
             )
         return "triton"
     if requested == "cuda":
-        if not _cuda_ready(x):
+        if not _cuda_ready(x.device):
             from .kernels import cuda
 
             raise RuntimeError(f"backend='cuda' was requested but is unavailable: {cuda.why_unavailable(x)}")

@@ -81,8 +81,8 @@ def measured_table(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "AUTO_TABLE", path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test GPU")
     ready = {"triton": True, "cuda": True}
-    monkeypatch.setattr(ops, "_triton_ready", lambda x: ready["triton"])
-    monkeypatch.setattr(ops, "_cuda_ready", lambda x: ready["cuda"])
+    monkeypatch.setattr(ops, "_triton_ready", lambda device: ready["triton"])
+    monkeypatch.setattr(ops, "_cuda_ready", lambda device: ready["cuda"])
     ops._measured_table.cache_clear()
     ops._auto_cuda.cache_clear()
     yield ops, ready
