@@ -68,6 +68,12 @@ def _matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module that holds ``name``, the last component): "a.b.c" -> (model.a.b, "c")."""
+    parent, _, leaf = name.rpartition(".")
+    return model.get_submodule(parent), leaf
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -88,8 +94,9 @@ def replace_linear(
     weight is released as soon as its QuantLinear is in place, so peak memory stays near the
     model's own size (models split over GPUs by ``device_map`` stay where they are).
     ``skip`` holds module names (a full name, or its last components such as ``lm_head`` or
-    ``mlp.down_proj``) or glob patterns matched against the full name (``*.self_attn.*``). A weight shared with another module (tied embeddings) or offloaded to the
-    meta device is skipped, with the reason in the summary.
+    ``mlp.down_proj``) or glob patterns matched against the full name (``*.self_attn.*``).
+    A weight shared with another module (tied embeddings) or offloaded to the meta device is
+    skipped, with the reason in the summary.
     """
     check_group_size(group_size)
     check_backend(backend)
@@ -115,8 +122,7 @@ def replace_linear(
             names.append(name)
 
     for name in tqdm(names, desc="int4ops: quantizing", unit="layer", disable=not progress):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent, child = _owner(model, name)
         old = getattr(parent, child)
         summary.bytes_before += _nbytes(old.weight, old.bias)
         new = QuantLinear.from_linear(old, group_size, sym, scale_dtype, backend)
@@ -264,14 +270,8 @@ def _named_tensors(model: nn.Module):
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(owner), leaf)
-
-
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
+    module, leaf = _owner(model, name)
     if leaf in module._parameters:
         module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
     else:
@@ -302,10 +302,7 @@ def _build_empty_model(config):
 
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM
-        return cls.from_config(config)
-    return cls(config)
+    return cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
 
 
 def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = True) -> nn.Module:
@@ -337,9 +334,8 @@ def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = Tru
     with _parameters_on_meta():
         model = _build_empty_model(config)
     for name, spec in qcfg["modules"].items():
-        parent_name, _, child = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name)
+            parent, child = _owner(model, name)
             old = getattr(parent, child)
         except AttributeError:
             raise CheckpointError(f"{CONFIG_NAME} names module {name!r}, which the model does not have") from None
@@ -380,7 +376,7 @@ def load_quantized(path, device="cpu", backend: str = "auto", verify: bool = Tru
     for name, source in tied.items():  # saved once: point every other name at the same tensor
         if source not in loaded:
             raise CheckpointError(f"{CONFIG_NAME} ties {name} to {source}, which the checkpoint lacks")
-        _set_tensor(model, name, _get_tensor(model, source))
+        _set_tensor(model, name, getattr(*_owner(model, source)))
     still_meta = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"after loading {path}, these tensors have no values: {still_meta[:5]}")
