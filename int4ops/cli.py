@@ -53,6 +53,15 @@ def _decode_tokens_per_s(model, ids, steps: int, device) -> float:
     return steps / max(total - prefill, 1e-9)
 
 
+def _logits_and_speed(model, prompt, args, device) -> tuple[torch.Tensor, float, float]:
+    """(fp32 logits of the prompt, prefill tokens/s, batch-1 decode tokens/s)."""
+    with torch.no_grad():
+        logits = model(prompt).logits.float()
+    prefill = args.tokens / _time_per_call(lambda: model(prompt), device)
+    decode = _decode_tokens_per_s(model, prompt[:, :16], args.decode_steps, device)
+    return logits, prefill, decode
+
+
 def cmd_demo(args) -> int:
     from .models import replace_linear, tiny_llama
     from .ops import select_backend
@@ -68,17 +77,11 @@ def cmd_demo(args) -> int:
     fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=gen).to(device)
-    with torch.no_grad():
-        ref = model(prompt).logits.float()
-    fp_prefill = args.tokens / _time_per_call(lambda: model(prompt), device)
-    fp_decode = _decode_tokens_per_s(model, prompt[:, :16], args.decode_steps, device)
+    ref, fp_prefill, fp_decode = _logits_and_speed(model, prompt, args, device)
 
     summary = replace_linear(model, group_size=args.group_size, sym=args.sym, progress=False)
     q_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    with torch.no_grad():
-        out = model(prompt).logits.float()
-    q_prefill = args.tokens / _time_per_call(lambda: model(prompt), device)
-    q_decode = _decode_tokens_per_s(model, prompt[:, :16], args.decode_steps, device)
+    out, q_prefill, q_decode = _logits_and_speed(model, prompt, args, device)
 
     err = (out - ref).abs().max().item()
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -122,9 +125,10 @@ def cmd_quantize(args) -> int:
 def cmd_info(args) -> int:
     import platform
 
+    from . import __version__
     from .kernels import cuda, triton_w4a16
 
-    print(f"int4ops {__import__('int4ops').__version__}, Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"int4ops {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     try:
         import triton
 
