@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine, from the repo root:  bash bench/device_run.sh
-#   OUT=dir       where results go (default bench/results/run); at most 6 files, no subfolders
+#   OUT=dir       where results go (default bench/results/run); at most 7 files (+SWEEPS), no subfolders
 #   QUICK=1       fewer shapes/M and decode steps (~4 min instead of ~8)
+#   SWEEPS=2      run the kernel sweep twice, in separate processes with half the time each, keep each
+#                 run (kernels_*_run1.json, ...) and merge them (python -m bench.repro merge) into
+#                 kernels_*.json, whose spread then covers run-to-run variation (bench/README.md,
+#                 "Reproducibility"). Default 1. A full H200 sweep takes ~90 s, so 2 full sweeps
+#                 need SKIP_TESTS=1 (or E2E_RESERVE=90); otherwise each covers fewer shapes.
 #   ARCHS=90      CUDA architectures the install builds (default 90: H100/H200)
 #   SKIP_TESTS=1  SKIP_KERNELS=1  SKIP_E2E=1  SKIP_INSTALL=1  skip a stage
 #   DRY=1         CPU dry run of this script (no install, tiny shapes and model, --device cpu)
@@ -110,13 +115,33 @@ KJSON="$OUT/kernels_${GPU}_${DATE}.json"
 EJSON="$OUT/e2e_${GPU}_${DATE}.json"
 rm -f "$EJSON"
 
+SWEEPS=${SWEEPS:-1}
 if [[ "${SKIP_KERNELS:-0}" != 1 ]]; then
-  # The sweep starts no new shape after TLIM seconds: at most TLIM_K, and less when the
-  # earlier stages ran long, so that E2E_RESERVE seconds stay for the end-to-end runs.
-  TLIM=$(( BUDGET - $(elapsed) - E2E_RESERVE - 40 )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
-  stage "kernel benchmark (python -m bench.kernels $KARGS --time-limit $TLIM)"
-  run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$KJSON" >/dev/null
-  RC_K=$?; echo "kernels rc=$RC_K"
+  # Each sweep starts no new shape after TLIM seconds: at most TLIM_K, and less when the
+  # earlier stages ran long, so that E2E_RESERVE seconds stay for the end-to-end runs;
+  # SWEEPS sweeps share that time (40 s each for start-up and the last shape's overrun).
+  TLIM=$(( (BUDGET - $(elapsed) - E2E_RESERVE - 40 * SWEEPS) / SWEEPS )); (( TLIM > TLIM_K )) && TLIM=$TLIM_K; (( TLIM < 30 )) && TLIM=30
+  if (( SWEEPS <= 1 )); then
+    stage "kernel benchmark (python -m bench.kernels $KARGS --time-limit $TLIM)"
+    run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$KJSON" >/dev/null
+    RC_K=$?; echo "kernels rc=$RC_K"
+  else
+    RUNS=(); RC_K=0; rm -f "$KJSON"  # never report a stale merge
+    for i in $(seq 1 "$SWEEPS"); do
+      stage "kernel benchmark, sweep $i of $SWEEPS (python -m bench.kernels $KARGS --time-limit $TLIM)"
+      RJSON="${KJSON%.json}_run$i.json"; rm -f "$RJSON"
+      run_limited $(( TLIM + 45 )) $PY -m bench.kernels $KARGS --time-limit $TLIM --no-plot --out "$RJSON" >/dev/null
+      rc=$?; echo "kernels sweep $i rc=$rc"; (( rc != 0 )) && RC_K=$rc
+      # A sweep cut off at its limit still wrote every finished shape: merge what exists.
+      [[ -f "$RJSON" ]] && RUNS+=("$RJSON")
+    done
+    stage "merge ${#RUNS[@]} sweeps (python -m bench.repro merge)"
+    if (( ${#RUNS[@]} > 0 )); then
+      $PY -m bench.repro merge "${RUNS[@]}" --out "$KJSON"; rc=$?; echo "merge rc=$rc"; (( rc != 0 )) && RC_K=$rc
+    else
+      echo "no sweep wrote results"; RC_K=1
+    fi
+  fi
 fi
 
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then

@@ -93,6 +93,10 @@ def kernels_markdown(doc: dict) -> str:
             methods[p.get("method", "?")] = methods.get(p.get("method", "?"), 0) + 1
         lines += ["", f"Timing spread (p90 - p10) / median over points: median {100 * spread[len(spread) // 2]:.1f}%, "
                   f"worst {100 * spread[-1]:.1f}%. Timed by: " + ", ".join(f"{k} {v} points" for k, v in sorted(methods.items())) + "."]
+    merged = sorted((p["hi"] - p["lo"]) / p["ms"] for p in timed if p.get("lo") is not None)
+    if merged:  # a bench.repro merge: this spread, not the within-run one, is what another run should fall in
+        lines += ["", f"Reported spread across {doc.get('repro', {}).get('runs', '?')} runs (hi - lo) / median "
+                  f"(bench/repro.py rule, in the method above): median {100 * merged[len(merged) // 2]:.1f}%, worst {100 * merged[-1]:.1f}%."]
     notes = sorted({p["note"] for p in res if p.get("note")})
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]

@@ -229,3 +229,66 @@ def test_compare_two_runs():
     rows = compare.compare(doc(1.0), doc(1.1))
     assert [r["agrees"] for r in rows] == [False, True]  # 9.5% apart vs a 4% spread; identical
     assert "2 common points" in compare.summary(rows) and "50% within their own reported spread" in compare.summary(rows)
+
+
+def _run_doc(times: dict, date: str, spread: float = 0.01) -> dict:
+    """A kernels JSON with one point per (backend, m, group_size) -> median ms; p10/p90 = ms -+ spread."""
+    res = [{"shape": "8B o", "n": 4096, "k": 4096, "m": m, "dtype": "fp16", "group_size": gs, "sym": False, "backend": b,
+            "bytes": common.point_bytes("dense" if b == "cublas" else "int4", m, 4096, 4096), "flops": common.flops(m, 4096, 4096),
+            "note": "", "ms": ms, "p10": ms * (1 - spread), "p90": ms * (1 + spread), "reps": 25}
+           for (b, m, gs), ms in times.items()]
+    return {"kind": "kernels", "env": {"gpu": "NVIDIA H200", "date": date}, "method": "m", "args": {"group_size": 128},
+            "bandwidth": {"gbps": 4000.0}, "matmul_peak": {"fp16": {"tflops": 700.0}}, "skipped": [], "left_out": [],
+            "results": res}
+
+
+def test_repro_merge_medians_spread_and_speedup():
+    from bench import repro
+
+    # 12 triton points (enough for a per-backend floor) whose two runs differ by 2%, and cuBLAS at M = 1.
+    run1 = {("triton", m, 128): 0.010 for m in range(1, 13)} | {("cublas", 1, 128): 0.020}
+    run2 = {("triton", m, 128): 0.0102 for m in range(1, 13)} | {("cublas", 1, 128): 0.020}
+    merged = repro.merge([_run_doc(run1, "d1"), _run_doc(run2, "d2")])
+    tri = next(p for p in merged["results"] if p["backend"] == "triton" and p["m"] == 1)
+    cub = next(p for p in merged["results"] if p["backend"] == "cublas")
+    assert tri["ms"] == pytest.approx(0.0101) and tri["run_ms"] == [0.010, 0.0102]
+    # floor: sqrt(3) x the 90th percentile of |run - ms| / ms = sqrt(3) x 0.0001 / 0.0101
+    floor = 3 ** 0.5 * 0.0001 / 0.0101
+    assert merged["repro"]["floor"]["triton"] == pytest.approx(floor)
+    assert "cublas" not in merged["repro"]["floor"]  # one point: the pooled floor applies
+    assert tri["lo"] == pytest.approx(min(0.010 * 0.99, 0.0101 * (1 - floor)))
+    assert tri["hi"] == pytest.approx(max(0.0102 * 1.01, 0.0101 * (1 + floor)))
+    assert tri["lo"] <= min(tri["run_ms"]) and tri["hi"] >= max(tri["run_ms"])
+    assert tri["speedup"] == pytest.approx(0.020 / 0.0101)  # from the merged medians
+    assert tri["speedup_lo"] == pytest.approx(cub["lo"] / tri["hi"]) and tri["speedup_hi"] == pytest.approx(cub["hi"] / tri["lo"])
+    assert "merged over 2 runs" in merged["method"] and [r["date"] for r in merged["runs"]] == ["d1", "d2"]
+    assert "Reported spread across 2 runs" in report.kernels_markdown(merged)
+
+
+def test_repro_check_flags_a_run_outside_the_spread(tmp_path):
+    from bench import repro
+
+    times = {("triton", m, 128): 0.010 for m in (1, 2, 3, 4)}
+    merged = repro.merge([_run_doc(times, "d1"), _run_doc(times, "d2")])  # identical runs: lo/hi = p10/p90 (+-1%)
+    inside = _run_doc({k: 0.01005 for k in times}, "d3")
+    rows = repro.check(merged, inside)
+    assert len(rows) == 4 and all(r["inside"] for r in rows)
+    outside = _run_doc({**{k: 0.01005 for k in times}, ("triton", 4, 128): 0.0105}, "d3")  # 5% off at M = 4
+    rows = repro.check(merged, outside)
+    assert [r["inside"] for r in rows] == [True, True, True, False]
+    text, ok = repro.check_summary(rows, 0.9)
+    assert not ok and "FAIL: 3/4 points (75.0%)" in text
+    assert repro.check_summary(rows, 0.75)[1]
+    # Matching is on dtype, group size, sym, backend, N, K, M: a g64 point is not the g128 one.
+    assert repro.check(merged, _run_doc({("triton", 1, 64): 0.5}, "d3")) == []
+    # A single run's spread is its p10..p90 (the old method); the CLI exits 1 below --min-agree, 2 on a merged run.
+    paths = {}
+    for name, doc in (("merged", merged), ("out", outside), ("single", _run_doc(times, "d1", spread=0.001)), ("d2", _run_doc(times, "d2"))):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    assert repro.main(["check", str(paths["merged"]), str(paths["out"])]) == 1
+    assert repro.main(["check", str(paths["merged"]), str(paths["out"]), "--min-agree", "0.7"]) == 0
+    assert [r["inside"] for r in repro.check(_run_doc(times, "d1", spread=0.001), outside)] == [False] * 4
+    assert repro.main(["check", str(paths["merged"]), str(paths["d2"])]) == 2
+    assert repro.main(["merge", str(paths["single"]), str(paths["out"]), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["repro"]["runs"] == 2
