@@ -6,7 +6,8 @@
 #                 run (kernels_*_run1.json, ...) and merge them (python -m bench.repro merge) into
 #                 kernels_*.json, whose spread then covers run-to-run variation (bench/README.md,
 #                 "Reproducibility"). Default 1. A full H200 sweep takes ~90 s, so 2 full sweeps
-#                 need SKIP_TESTS=1 (or E2E_RESERVE=90); otherwise each covers fewer shapes.
+#                 need SKIP_TESTS=1; after the GPU tests (~230 s) each sweep gets 30-70 s and
+#                 covers fewer shapes (the JSON's left_out says which).
 #   ARCHS=90      CUDA architectures the install builds (default 90: H100/H200)
 #   SKIP_TESTS=1  SKIP_KERNELS=1  SKIP_E2E=1  SKIP_INSTALL=1  skip a stage
 #   DRY=1         CPU dry run of this script (no install, tiny shapes and model, --device cpu)
