@@ -75,6 +75,20 @@ __device__ __forceinline__ void codes_minus_8(uint32_t word, float (&w)[8]) {
   }
 }
 
+// Split-K epilogue shared by the decode kernels: out[i] = sum over splits s of ws[s, i] (fp32
+// partials, [splits, M*N]), added in split order so results are deterministic, then converted.
+// Internal linkage: each .cu file gets its own copy instead of sharing one across modules.
+namespace {
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict__ out, int MN, int splits) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < MN; i += gridDim.x * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += ws[(size_t)s * MN + i];
+    out[i] = from_float<T>(sum);
+  }
+}
+}  // namespace
+
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace int4ops

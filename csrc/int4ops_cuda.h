@@ -40,6 +40,16 @@ INT4OPS_API int int4ops_w4a16_gemv(const void* x, const void* qweight, const voi
                                    void* out, void* workspace, int M, int N, int K, int K_rows, int group_size,
                                    int act_dtype, int scale_dtype, int splits, int device, void* stream);
 
+// Largest M the tensor-core decode kernel takes.
+#define INT4OPS_MMA_MAX_M 16
+
+// Tensor-core decode (csrc/w4a16_mma.cu): same contract as int4ops_w4a16_gemv_plan /
+// int4ops_w4a16_gemv, for 1 <= M <= INT4OPS_MMA_MAX_M. Needs sm_80 or newer.
+INT4OPS_API int int4ops_w4a16_mma_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes);
+INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void* scales, const void* zeros,
+                                  void* out, void* workspace, int M, int N, int K, int K_rows, int group_size,
+                                  int act_dtype, int scale_dtype, int splits, int device, void* stream);
+
 // Dense dequantized weight, transposed: out[K, N] (row stride N) = W^T in out_dtype (fp16/bf16/fp32).
 // Reads columns [0, N) of a packed weight whose rows are ld columns apart (ld >= N), so a
 // caller can dequantize a column slice by offsetting the pointers.

@@ -170,16 +170,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M>()) w4a16_gemv_kernel(G
   }
 }
 
-// out[m, n] = sum over splits of workspace[s, m, n], converted to the activation dtype.
-template <typename T>
-__global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict__ out, int MN, int splits) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < MN; i += gridDim.x * blockDim.x) {
-    float sum = 0.0f;
-    for (int s = 0; s < splits; ++s) sum += ws[(size_t)s * MN + i];
-    out[i] = from_float<T>(sum);
-  }
-}
-
 template <typename T, int M>
 cudaError_t launch_m(const GemvArgs& a, int splits, cudaStream_t stream) {
   dim3 grid((a.N + kBN - 1) / kBN, splits);

@@ -23,6 +23,8 @@ from int4ops.kernels import cuda
 EXPORTS = (
     "int4ops_w4a16_gemv",
     "int4ops_w4a16_gemv_plan",
+    "int4ops_w4a16_mma",
+    "int4ops_w4a16_mma_plan",
     "int4ops_dequantize",
     "int4ops_cuda_last_error",
     "int4ops_cuda_archs",
@@ -186,7 +188,7 @@ SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72), (130, 172), (64, 100),
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 64, 300])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 300])  # mma decode up to 16, then dequant + cuBLAS
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sym", [False, True])
@@ -204,7 +206,24 @@ def test_matmul_matches_reference(m, group_size, dtype, sym, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 8, 33])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_scalar_gemv_decode_kernel(m, group_size, dtype, sym, n, k, monkeypatch):
+    """The scalar decode kernel (INT4OPS_CUDA_DECODE=gemv), kept for GPUs and cases it wins."""
+    _need_lib()
+    monkeypatch.setenv(cuda.ENV_DECODE, "gemv")
+    w = _weight(n, k, group_size, sym, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+    err = rel_err(y, w4a16_matmul_reference(x.float(), w))
+    assert err <= TOL[dtype], f"rel_err {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 33])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scale_dtypes_and_op_entry(m, scale_dtype):
     _need_lib()
@@ -243,10 +262,10 @@ def test_noncontiguous_x_and_side_stream():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("m", [1, 8, 16, 64])
 def test_cuda_graph_capture(m):
     _need_lib()
-    n, k, gs = 4096, 1024, 128  # M = 1, 8 use split-K (workspace); 64 dequantizes
+    n, k, gs = 4096, 1024, 128  # M = 1..16 use split-K (workspace); 64 dequantizes
     w = _weight(n, k, gs, False, torch.float16)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
@@ -277,6 +296,13 @@ def test_errors_name_kernel_and_shapes():
         9, 64, 128, w.qweight.shape[0], 32, 0, 0, 1, x.device.index, torch.cuda.current_stream().cuda_stream,
     )  # fmt: skip
     with pytest.raises(cuda.CudaLibraryError, match=r"int4ops cuda: w4a16_gemv failed for M=9, N=64, K=128"):
+        cuda._check(lib, rc)
+    x17 = torch.randn(17, 128, device="cuda", dtype=torch.float16)
+    rc = lib.handle.int4ops_w4a16_mma(
+        x17.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), None, out.data_ptr(), None,
+        17, 64, 128, w.qweight.shape[0], 32, 0, 0, 1, x.device.index, torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    with pytest.raises(cuda.CudaLibraryError, match=r"w4a16_mma failed for M=17, N=64, K=128.*M must be 1..16"):
         cuda._check(lib, rc)
     # Python-side validation.
     with pytest.raises(ValueError, match="in_features"):

@@ -4,6 +4,7 @@
 """
 
 import logging
+import os
 
 import torch
 
@@ -18,13 +19,15 @@ def main():
     torch.manual_seed(0)
     for n, k, gs, sym in [(3, 72, 32, False), (129, 200, 64, True), (256, 1000, 128, False), (67, 300, -1, False)]:
         w = quantize_rtn(torch.randn(n, k, device="cuda") * 0.05, group_size=gs, sym=sym)
-        for m in (1, 3, 8, 9):
+        # mma decode at M <= 16, the scalar decode kernel at M <= 8, dequantize + cuBLAS above.
+        for m, decode in ((1, "mma"), (3, "mma"), (9, "mma"), (16, "mma"), (17, "mma"), (1, "gemv"), (8, "gemv")):
+            os.environ[cuda.ENV_DECODE] = decode
             for dtype in (torch.float16, torch.bfloat16):
                 # Exact-size allocations so out-of-bounds accesses hit unallocated memory.
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
                 err = ((y.float() - w4a16_matmul_reference(x.float(), w)).norm() / w4a16_matmul_reference(x.float(), w).norm()).item()
-                log.info("N=%d K=%d gs=%d sym=%s M=%d %s rel_err=%.2e", n, k, gs, sym, m, dtype, err)
+                log.info("N=%d K=%d gs=%d sym=%s M=%d %s %s rel_err=%.2e", n, k, gs, sym, m, decode, dtype, err)
         cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
     torch.cuda.synchronize()
     log.info("done")

@@ -39,13 +39,18 @@ ENV_LIB = "INT4OPS_CUDA_LIB"
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
-# Largest M the decode kernel takes (INT4OPS_GEMV_MAX_M in csrc/int4ops_cuda.h). Above it,
-# w4a16_matmul dequantizes and calls cuBLAS. See notes/cuda_backend.md for the crossover.
+# Largest M of the scalar decode kernel (INT4OPS_GEMV_MAX_M) and of the tensor-core decode
+# kernel (INT4OPS_MMA_MAX_M) in csrc/int4ops_cuda.h. Above the latter, w4a16_matmul
+# dequantizes and calls cuBLAS. See notes/cuda_backend.md for the crossover.
 GEMV_MAX_M = 8
+MMA_MAX_M = 16
+# Which decode kernel runs at M <= its limit: "mma" (tensor cores, default) or "gemv".
+ENV_DECODE = "INT4OPS_CUDA_DECODE"
 # The dequantize + cuBLAS path dequantizes at most this many weight elements at a time
 # (512 MiB of fp16), so a huge layer does not need a full dense copy at once. Not smaller:
-# each extra chunk costs a copy of its output slice: 14-21% more time per layer on
-# an H200 at 64 Mi (28672x4096, M >= 1024); at 256 Mi no Llama-70B layer is split.
+# chunks that fit in L2 (8-16 Mi elements) were measured slower on an H100 (cuBLAS on
+# narrow slices loses more than the L2 hits save: 0.33-0.74x vs 0.73-0.78x of cuBLAS at
+# M = 1024); at 256 Mi no Llama-70B layer is split.
 DEQUANT_CHUNK_ELEMS = 256 << 20
 
 
@@ -95,6 +100,10 @@ class _Lib:
             h.int4ops_w4a16_gemv_plan.restype = c_int
             h.int4ops_w4a16_gemv.argtypes = [c_void_p] * 6 + [c_int] * 9 + [c_void_p]
             h.int4ops_w4a16_gemv.restype = c_int
+            h.int4ops_w4a16_mma_plan.argtypes = [c_int, c_int, c_int, c_int, ctypes.POINTER(c_size_t)]
+            h.int4ops_w4a16_mma_plan.restype = c_int
+            h.int4ops_w4a16_mma.argtypes = [c_void_p] * 6 + [c_int] * 9 + [c_void_p]
+            h.int4ops_w4a16_mma.restype = c_int
             h.int4ops_dequantize.argtypes = [c_void_p] * 4 + [c_int] * 8 + [c_void_p]
             h.int4ops_dequantize.restype = c_int
             h.int4ops_cuda_last_error.restype = ctypes.c_char_p
@@ -300,7 +309,8 @@ def _sm_count(index: int) -> int:
 def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, out=None) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` in x.dtype (fp16/bf16) with the CUDA library.
 
-    M <= GEMV_MAX_M: the decode kernel (fp32 accumulation, split-K). Larger M: dequantize to
+    M <= MMA_MAX_M: the tensor-core decode kernel (``INT4OPS_CUDA_DECODE=gemv``: the scalar
+    one, M <= GEMV_MAX_M); fp32 accumulation, split-K. Larger M: dequantize to
     x.dtype (in column chunks of at most DEQUANT_CHUNK_ELEMS) and multiply with cuBLAS.
     ``out``, if given, must be a contiguous [M, N] tensor of x's dtype and device.
     """
@@ -325,30 +335,39 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
     if m == 0:
         return out
 
-    if m > GEMV_MAX_M:
+    decode = os.environ.get(ENV_DECODE, "mma")
+    if decode not in ("mma", "gemv"):
+        raise ValueError(f"{ENV_DECODE} must be 'mma' or 'gemv', got {decode!r}")
+    max_m = MMA_MAX_M if decode == "mma" else GEMV_MAX_M
+    if m > max_m:
         # Large M: cuBLAS at full tensor-core rate on a dense copy of the weight; the dequantize
-        # costs one read of the packed weight and one write of the dense one, which M > 8
-        # rows of matmul amortize. Chunked over N so the workspace stays bounded.
-        cols = max(64, DEQUANT_CHUNK_ELEMS // k // 64 * 64)
+        # costs one read of the packed weight and one write of the dense one, which the M rows
+        # of matmul amortize. Chunked over N, into one reused buffer, and cuBLAS writes each
+        # chunk's columns of `out` in place (leading dimension N, no copy): the buffer stays
+        # bounded, and a chunk small enough for L2 is read back by cuBLAS from L2.
+        cols = min(n, max(64, DEQUANT_CHUNK_ELEMS // k // 64 * 64))
+        buf = torch.empty((k * cols,), dtype=x.dtype, device=x.device)
         for n0 in range(0, n, cols):
             n1 = min(n, n0 + cols)
-            wt = torch.empty((k, n1 - n0), dtype=x.dtype, device=x.device)
+            wt = buf[: k * (n1 - n0)].view(k, n1 - n0)
             _dequantize_into(lib, wt, qweight, scales, zeros, in_features, group_size, n0, n1)
-            if n0 == 0 and n1 == n:
-                torch.matmul(x, wt, out=out)
-            else:
-                out[:, n0:n1] = torch.matmul(x, wt)
+            torch.matmul(x, wt, out=out if n1 - n0 == n else out[:, n0:n1])
         return out
 
     index = x.device.index
+    plan, run = (
+        (lib.handle.int4ops_w4a16_mma_plan, lib.handle.int4ops_w4a16_mma)
+        if decode == "mma"
+        else (lib.handle.int4ops_w4a16_gemv_plan, lib.handle.int4ops_w4a16_gemv)
+    )
     ws_bytes = ctypes.c_size_t(0)
-    splits = lib.handle.int4ops_w4a16_gemv_plan(m, n, qweight.shape[0], _sm_count(index), ctypes.byref(ws_bytes))
+    splits = plan(m, n, qweight.shape[0], _sm_count(index), ctypes.byref(ws_bytes))
     workspace = None
     if ws_bytes.value:
         workspace = torch.empty((ws_bytes.value // 4,), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        rc = lib.handle.int4ops_w4a16_gemv(
+        rc = run(
             x.data_ptr(),
             qweight.data_ptr(),
             scales.data_ptr(),
