@@ -343,8 +343,8 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
         # Large M: cuBLAS at full tensor-core rate on a dense copy of the weight; the dequantize
         # costs one read of the packed weight and one write of the dense one, which the M rows
         # of matmul amortize. Chunked over N, into one reused buffer, and cuBLAS writes each
-        # chunk's columns of `out` in place (leading dimension N, no copy): the buffer stays
-        # bounded, and a chunk small enough for L2 is read back by cuBLAS from L2.
+        # chunk's columns of `out` in place (leading dimension N, no copy of the output slice),
+        # so the buffer stays bounded at no extra traffic.
         cols = min(n, max(64, DEQUANT_CHUNK_ELEMS // k // 64 * 64))
         buf = torch.empty((k * cols,), dtype=x.dtype, device=x.device)
         for n0 in range(0, n, cols):
