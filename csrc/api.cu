@@ -21,6 +21,26 @@ int set_error(int code, const char* fmt, ...) {
   return code;
 }
 
+int check_decode_args(char (&prefix)[256], const char* kernel, int max_m, const void* x, const void* qweight,
+                      const void* scales, const void* out, const void* workspace, int M, int N, int K, int K_rows,
+                      int group_size, int act_dtype, int scale_dtype, int splits) {
+  snprintf(prefix, sizeof prefix, "%s failed for M=%d, N=%d, K=%d (group_size=%d, x %s, scales %s)", kernel, M, N, K,
+           group_size, dtype_name(act_dtype), dtype_name(scale_dtype));
+  if (M < 1 || M > max_m) return set_error(INT4OPS_ERR_ARGS, "%s: M must be 1..%d", prefix, max_m);
+  if (N < 1 || K < 1 || K_rows * 8 < K || K_rows * 8 > K + 7 + (group_size > 0 ? group_size : 0))
+    return set_error(INT4OPS_ERR_ARGS, "%s: bad sizes (K_rows=%d)", prefix, K_rows);
+  if (group_size != K_rows * 8 && (group_size < 32 || group_size % 32 != 0))
+    return set_error(INT4OPS_ERR_ARGS, "%s: group_size must be a multiple of 32 or K_pad", prefix);
+  if (act_dtype != INT4OPS_F16 && act_dtype != INT4OPS_BF16)
+    return set_error(INT4OPS_ERR_ARGS, "%s: activations must be fp16 or bf16", prefix);
+  if (scale_dtype < INT4OPS_F16 || scale_dtype > INT4OPS_F32)
+    return set_error(INT4OPS_ERR_ARGS, "%s: bad scale dtype code %d", prefix, scale_dtype);
+  if (!x || !qweight || !scales || !out) return set_error(INT4OPS_ERR_ARGS, "%s: null pointer", prefix);
+  if (splits < 1) return set_error(INT4OPS_ERR_ARGS, "%s: splits must be >= 1", prefix);
+  if (splits > 1 && !workspace) return set_error(INT4OPS_ERR_ARGS, "%s: split-K needs a workspace", prefix);
+  return 0;
+}
+
 const void* gemv_probe_kernel();  // w4a16_gemv.cu
 
 }  // namespace int4ops

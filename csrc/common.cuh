@@ -12,6 +12,14 @@ namespace int4ops {
 // Record a failure message for this thread (printf-style) and return `code`.
 int set_error(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 
+// The argument checks both decode entry points share (api.cu). Writes the message prefix
+// "<kernel> failed for M=.., N=.., K=.. (...)" into `prefix` for the caller's later errors and
+// returns 0, or records the first problem and returns INT4OPS_ERR_ARGS. Group sizes must be a
+// multiple of 32 (a kernel step of 32 k never straddles a group) or K_pad (one per channel).
+int check_decode_args(char (&prefix)[256], const char* kernel, int max_m, const void* x, const void* qweight,
+                      const void* scales, const void* out, const void* workspace, int M, int N, int K, int K_rows,
+                      int group_size, int act_dtype, int scale_dtype, int splits);
+
 inline const char* dtype_name(int code) {
   switch (code) {
     case INT4OPS_F16: return "fp16";

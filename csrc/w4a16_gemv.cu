@@ -15,8 +15,6 @@
 //     that a second tiny kernel sums and converts; with one split the kernel writes `out`.
 // Math: fp32 throughout (dequantized codes are exact, products and sums fp32). Per unit a
 // thread accumulates sum_k x * (q - 8) and applies the group's zero point and scale once.
-#include <stdio.h>
-
 #include "common.cuh"
 
 namespace int4ops {
@@ -228,21 +226,10 @@ extern "C" int int4ops_w4a16_gemv(const void* x, const void* qweight, const void
                                   void* out, void* workspace, int M, int N, int K, int K_rows, int group_size,
                                   int act_dtype, int scale_dtype, int splits, int device, void* stream) {
   char prefix[256];
-  snprintf(prefix, sizeof prefix, "w4a16_gemv failed for M=%d, N=%d, K=%d (group_size=%d, x %s, scales %s)", M, N,
-           K, group_size, dtype_name(act_dtype), dtype_name(scale_dtype));
-  if (M < 1 || M > INT4OPS_GEMV_MAX_M) return set_error(INT4OPS_ERR_ARGS, "%s: M must be 1..%d", prefix, INT4OPS_GEMV_MAX_M);
-  if (N < 1 || K < 1 || K_rows * 8 < K || K_rows * 8 > K + 7 + (group_size > 0 ? group_size : 0))
-    return set_error(INT4OPS_ERR_ARGS, "%s: bad sizes (K_rows=%d)", prefix, K_rows);
   // Per channel the group is K_pad (any multiple of 8, e.g. 8 for K <= 8): one unit's group.
-  if (group_size != K_rows * 8 && (group_size < 32 || group_size % 32 != 0))
-    return set_error(INT4OPS_ERR_ARGS, "%s: group_size must be a multiple of 32 or K_pad", prefix);
-  if (act_dtype != INT4OPS_F16 && act_dtype != INT4OPS_BF16)
-    return set_error(INT4OPS_ERR_ARGS, "%s: activations must be fp16 or bf16", prefix);
-  if (scale_dtype < INT4OPS_F16 || scale_dtype > INT4OPS_F32)
-    return set_error(INT4OPS_ERR_ARGS, "%s: bad scale dtype code %d", prefix, scale_dtype);
-  if (!x || !qweight || !scales || !out) return set_error(INT4OPS_ERR_ARGS, "%s: null pointer", prefix);
-  if (splits < 1) return set_error(INT4OPS_ERR_ARGS, "%s: splits must be >= 1", prefix);
-  if (splits > 1 && !workspace) return set_error(INT4OPS_ERR_ARGS, "%s: split-K needs a workspace", prefix);
+  if (int rc = check_decode_args(prefix, "w4a16_gemv", INT4OPS_GEMV_MAX_M, x, qweight, scales, out, workspace, M, N, K,
+                                 K_rows, group_size, act_dtype, scale_dtype, splits))
+    return rc;
 
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess)

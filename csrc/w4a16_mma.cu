@@ -39,8 +39,6 @@
 // the block's K range (summed through shared memory at the end); blocks split K further
 // (gridDim.y) when the channel tiles alone cannot fill the GPU, writing fp32 partials that
 // splitk_reduce_kernel sums in split order (deterministic, no atomics).
-#include <stdio.h>
-
 #include <algorithm>
 #include <type_traits>
 
@@ -432,21 +430,10 @@ extern "C" int int4ops_w4a16_mma(const void* x, const void* qweight, const void*
                                  void* workspace, int M, int N, int K, int K_rows, int group_size, int act_dtype,
                                  int scale_dtype, int splits, int device, void* stream) {
   char prefix[256];
-  snprintf(prefix, sizeof prefix, "w4a16_mma failed for M=%d, N=%d, K=%d (group_size=%d, x %s, scales %s)", M, N, K,
-           group_size, dtype_name(act_dtype), dtype_name(scale_dtype));
-  if (M < 1 || M > INT4OPS_MMA_MAX_M) return set_error(INT4OPS_ERR_ARGS, "%s: M must be 1..%d", prefix, INT4OPS_MMA_MAX_M);
-  if (N < 1 || K < 1 || K_rows * 8 < K || K_rows * 8 > K + 7 + (group_size > 0 ? group_size : 0))
-    return set_error(INT4OPS_ERR_ARGS, "%s: bad sizes (K_rows=%d)", prefix, K_rows);
   // A step (32 k) must lie in one group: groups are multiples of 32, or one per channel (K_pad).
-  if (group_size != K_rows * 8 && (group_size < 32 || group_size % 32 != 0))
-    return set_error(INT4OPS_ERR_ARGS, "%s: group_size must be a multiple of 32 or K_pad", prefix);
-  if (act_dtype != INT4OPS_F16 && act_dtype != INT4OPS_BF16)
-    return set_error(INT4OPS_ERR_ARGS, "%s: activations must be fp16 or bf16", prefix);
-  if (scale_dtype < INT4OPS_F16 || scale_dtype > INT4OPS_F32)
-    return set_error(INT4OPS_ERR_ARGS, "%s: bad scale dtype code %d", prefix, scale_dtype);
-  if (!x || !qweight || !scales || !out) return set_error(INT4OPS_ERR_ARGS, "%s: null pointer", prefix);
-  if (splits < 1) return set_error(INT4OPS_ERR_ARGS, "%s: splits must be >= 1", prefix);
-  if (splits > 1 && !workspace) return set_error(INT4OPS_ERR_ARGS, "%s: split-K needs a workspace", prefix);
+  if (int rc = check_decode_args(prefix, "w4a16_mma", INT4OPS_MMA_MAX_M, x, qweight, scales, out, workspace, M, N, K,
+                                 K_rows, group_size, act_dtype, scale_dtype, splits))
+    return rc;
 
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess)
