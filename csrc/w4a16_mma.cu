@@ -69,10 +69,6 @@ struct MmaArgs {
   bool x_vec;  // K % 8 == 0 and x 16-byte aligned: vector loads of 8 activations
 };
 
-template <typename T> struct Pair;
-template <> struct Pair<__half> { using type = __half2; };
-template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
-
 template <typename P> __device__ __forceinline__ P as_pair(uint32_t v) { return *reinterpret_cast<P*>(&v); }
 template <typename P> __device__ __forceinline__ uint32_t as_u32(P v) { return *reinterpret_cast<uint32_t*>(&v); }
 
