@@ -26,28 +26,26 @@ from int4ops.kernels import triton_w4a16 as tw
 
 log = logging.getLogger("tune")
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
 
 
 def candidates(M):
     gemv = lambda bn, st, s, w=4: dict(kernel="gemv", block_n=bn, block_k=128, num_warps=w, num_stages=st, split_k=s)
-    gemm = lambda bm, bn, bk, s, sd=False, fs=False, w=4, st=4: dict(
-        kernel="gemm", block_m=bm, block_n=bn, block_k=bk, split_k=s, split_dots=sd, fold_scale=fs,
-        num_warps=w, num_stages=st)
+    gemm = lambda bm, bn, s, w=4, st=3: dict(kernel="gemm", block_m=bm, block_n=bn, block_k=128, split_k=s,
+                                             num_warps=w, num_stages=st)
     deq = [dict(kernel="dequant", block_n=bn, block_k=128, num_warps=4) for bn in (64, 128)]
+    splits = (1, 2, 4, 8)
     if M == 1:
         return ([gemv(bn, st, s) for bn in (32, 64, 128) for st in (1, 3) for s in (2, 4, 8, 16)]
                 + [gemv(128, 1, s, 8) for s in (4, 8)])
-    if M == 4:
-        return ([gemv(64, 1, s) for s in (4, 8)]
-                + [gemm(16, bn, 128, s, sd) for bn in (32, 64) for sd in (False, True) for s in (2, 4, 8)])
-    if M == 16:
-        return [gemm(16, bn, 128, s, sd, st=3 if bn == 128 and not sd else 4)
-                for bn in (32, 64, 128) for sd in (False, True) for s in (1, 2, 4, 8)] + deq[:1]
-    if M == 64:
-        return ([gemm(bm, bn, bk, s, sd, st=st) for bm, bn, bk, st in ((64, 64, 128, 3), (32, 64, 128, 4), (64, 128, 64, 4))
-                 for sd in ((False, True) if bk == 128 else (False,)) for s in (1, 2, 4)] + deq)
-    return [gemm(128, 128, 64, 1, fs=fs, w=8, st=3) for fs in (False, True)] + [gemm(128, 256, 64, 1, fs=True, w=8, st=3)] + deq
+    if M <= 16:
+        return ([gemv(64, 1, s) for s in (4, 8)] if M <= 4 else []) + [
+            gemm(16, bn, s, w) for bn, w in ((64, 4), (128, 4), (128, 8)) for s in splits]
+    if M <= 32:
+        return [gemm(32, bn, s, w) for bn, w in ((64, 4), (128, 4), (128, 8)) for s in splits]
+    if M <= 128:
+        return [gemm(bm, 128, s, w) for bm in (32, 64) for w in (4, 8) for s in splits] + deq
+    return [gemm(64, 128, 1, 8)] + deq
 
 
 def graph_time_us(fns):
@@ -135,7 +133,7 @@ def main():
             t_heur = graph_time_us([lambda w=w: tw.w4a16_matmul(x, w.qweight, w.scales, w.zeros, K, 128) for w in ws])
             heur_cfg = tw.choose_config(dev, M, N, K, 128, None)
             best = (float("inf"), None)
-            for cfg in candidates(M):
+            for cfg in [heur_cfg] + [c for c in candidates(M) if c != heur_cfg]:  # the heuristic competes too
                 if time.time() > t_end:
                     break
                 kw = dict(cfg)

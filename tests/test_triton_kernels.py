@@ -94,17 +94,13 @@ SPLIT_CASES = [
     ("gemv", (1, 96, 256, 128, False), dict(block_k=32, block_n=32, split_k=3)),
     ("gemv", (2, 33, 172, -1, True), dict(block_k=16, block_n=128, split_k=100)),
     ("gemv", (3, 96, 256, 256, False), dict(block_k=256, block_n=16, split_k=1)),
-    ("gemm", (33, 96, 256, 64, False), dict(block_m=16, block_n=32, block_k=32, split_k=4)),
-    ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, block_k=64, split_k=2, group_m=2)),
-    ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, block_k=128, split_k=1)),
-    # the scale folded into the weight tile (what large-M configs use)
-    ("gemm", (33, 96, 172, 32, True), dict(fold_scale=True, block_m=16, block_n=32, block_k=32, split_k=2)),
-    ("gemm", (2, 33, 256, -1, False), dict(fold_scale=True, block_m=16, block_n=64, block_k=64, split_k=1)),
-    ("gemm", (16, 96, 100, 128, False), dict(fold_scale=True, block_m=32, block_n=32, block_k=128, split_k=3)),
-    # the words loaded once, 8 dots of depth BLOCK_K // 8 (BLOCK_K >= 128)
-    ("gemm", (33, 96, 256, 128, False), dict(split_dots=True, block_m=16, block_n=32, block_k=128, split_k=2)),
-    ("gemm", (3, 33, 172, -1, True), dict(split_dots=True, fold_scale=True, block_m=16, block_n=64, block_k=128)),
-    ("gemm", (16, 96, 100, 32, False), dict(split_dots=True, block_m=16, block_n=32, block_k=32)),  # falls back
+    ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, split_k=2)),
+    ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, split_k=1)),
+    ("gemm", (70, 96, 384, 128, False), dict(block_m=32, block_n=32, split_k=2)),  # 3 row tiles
+    ("gemm", (16, 96, 300, 256, False), dict(block_m=64, block_n=64, split_k=3)),  # 2 tiles per group
+    # groups smaller than the K-tile: the scale is folded into each word row
+    ("gemm", (33, 96, 256, 64, False), dict(block_m=16, block_n=32, split_k=4)),
+    ("gemm", (33, 96, 172, 32, True), dict(block_m=16, block_n=32, split_k=2)),
     ("dequant", (33, 96, 172, 32, False), dict(block_n=16, block_k=32)),
     ("dequant", (3, 33, 100, -1, True), dict(block_n=128, block_k=16)),
 ]
@@ -154,6 +150,12 @@ def test_non_contiguous_x(kernel):
     x_wide = torch.zeros(3, 80, dtype=x.dtype, device=DEVICE)
     x_wide[:, :64] = x  # row stride 80 != K
     check(tw.run_kernel(kernel, *args(x_wide[:, :64], w)), ref, torch.float16, f"{kernel} strided seed={seed}")
+
+
+def test_gemm_block_k_is_fixed():
+    x, w, _, _ = make_problem(16, 33, 256, 128, False, torch.float16)
+    with pytest.raises(ValueError, match="block_k is 128"):
+        tw.run_kernel("gemm", *args(x, w), block_k=64)
 
 
 def test_empty_m():
@@ -226,7 +228,10 @@ def test_heuristic_configs_are_valid(M, N, K, group_size):
         cfg = tw.heuristic_config(kernel, M, N, K, group_size, sms=132)
         bk = cfg["block_k"]
         assert bk >= 16 and bk & (bk - 1) == 0, cfg
-        assert group_size == -1 or group_size % bk == 0, cfg
+        if kernel == "gemm":
+            assert bk == 128, cfg  # fixed K-tile; small groups fold the scale instead
+        else:
+            assert group_size == -1 or group_size % bk == 0, cfg
         assert 1 <= cfg.get("split_k", 1) <= math.ceil(K / bk), cfg
 
 
@@ -240,7 +245,8 @@ def test_shipped_tuned_configs_are_valid():
             for m, cfg in by_m.items():
                 assert cfg["kernel"] in KERNELS and int(m) >= 1, (path.name, shape, m)
                 assert cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, shape, m)
-                assert tw._tuned(tw_table(data), int(m), N, K, 32)["block_k"] <= 32
+                refit = tw._tuned(tw_table(data), int(m), N, K, 32)
+                assert refit["block_k"] == 128 if cfg["kernel"] == "gemm" else refit["block_k"] <= 32
 
 
 def tw_table(data):

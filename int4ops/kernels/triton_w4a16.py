@@ -3,7 +3,7 @@
 Three paths (each kernel next to its launcher):
 
     gemv     triton_gemv.py  w4a16_gemv            decode, M = 1..2: a weight stream, split-K
-    gemm     triton_gemm.py  w4a16_gemm            M up to ~32: fused tensor-core tiles, split-K
+    gemm     triton_gemm.py  w4a16_gemm            M = 3..128: fused tensor-core tiles (W on the left), split-K
     dequant  triton_gemm.py  w4a16_dequant_matmul  large M: dequantize to a dense buffer + cuBLAS
 
 ``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
@@ -109,30 +109,21 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
     if kernel == "dequant":
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
-    if M <= 32:
-        # Memory-bound: one row tile, the words fetched once (split_dots, needs BLOCK_K >= 128),
-        # a deep pipeline, split-K to ~3 programs per SM.
-        block_m, block_n, block_k, num_warps, num_stages = max(16, _pow2_at_least(M)), 64 if M <= 8 else 128, 128, 4, 4
-        fold_scale, split_dots, waves = False, True, 3
-    else:
-        # Compute-bound (reached only when forced: dequant + cuBLAS is 2-4x faster there on an
-        # H200): the tutorial-sized 128x128 tile, scale folded into the weight tile.
-        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
-        fold_scale, split_dots, waves = True, False, 2
-    block_k = _block_k(group_size, K, block_k)
-    block_n = max(16, min(block_n, _pow2_at_least(N)))
+    # Fused GEMM (H100 sweep, 2026-11-22): the activation rows are the MMA's N, so the row tile
+    # only needs to cover M; 64-feature tiles for narrow layers at M <= 16 (more programs),
+    # 128 otherwise; K split until ~3 programs per SM.
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = 64 if M <= 16 and N < 16384 else 128
     tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
-    split_k = _split_for(tiles, math.ceil(K / block_k), sms, waves=waves, cap=16)
-    return dict(
-        kernel="gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, group_m=8,
-        fold_scale=fold_scale, split_dots=split_dots, num_warps=num_warps, num_stages=num_stages,
-    )
+    split_k = _split_for(tiles, math.ceil(K / 128), sms, waves=3, cap=8)
+    return dict(kernel="gemm", block_m=block_m, block_n=block_n, block_k=128, split_k=split_k,
+                num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
 def default_kernel(M: int) -> str:
     """gemv streams the weights once per row: best at M <= 2. The fused GEMM wins while the
-    product is memory-bound; from M = 64 up dequantize + cuBLAS wins (H200 measurements)."""
-    return "gemv" if M <= 2 else "gemm" if M <= 32 else "dequant"
+    weight stream dominates; past M = 128 dequantize + cuBLAS wins (H100 measurements)."""
+    return "gemv" if M <= 2 else "gemm" if M <= 128 else "dequant"
 
 
 def tuned_file(device_name: str) -> Path:
@@ -164,7 +155,8 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
     cfg = dict(by_m[m_key])
     if cfg["kernel"] != "dequant" and M > 4 * m_key:
         return None  # tuned for far fewer rows (e.g. split-K settings): the heuristic is safer
-    cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])  # tuned at group 128: keep it dividing
+    if cfg["kernel"] != "gemm":  # the GEMM's K-tile is fixed; the others' must divide the group
+        cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])  # tuned at group 128
     return cfg
 
 
