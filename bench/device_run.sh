@@ -9,6 +9,8 @@
 #                 need SKIP_TESTS=1; after the GPU tests (~230 s) each sweep gets 30-70 s and
 #                 covers fewer shapes (the JSON's left_out says which).
 #   ARCHS=90      CUDA architectures the install builds (default 90: H100/H200)
+#   AUTO_TABLE=1  after the sweep, rewrite this GPU's backend="auto" table from it (bench.choose_backends)
+#                 before the end-to-end runs; the table is copied to OUT to be committed
 #   SKIP_TESTS=1  SKIP_KERNELS=1  SKIP_E2E=1  SKIP_INSTALL=1  skip a stage
 #   DRY=1         CPU dry run of this script (no install, tiny shapes and model, --device cpu)
 # Stages: nvidia-smi, pip install (builds the CUDA library), GPU tests, kernel benchmark,
@@ -143,6 +145,13 @@ if [[ "${SKIP_KERNELS:-0}" != 1 ]]; then
       echo "no sweep wrote results"; RC_K=1
     fi
   fi
+fi
+
+if [[ "${AUTO_TABLE:-0}" == 1 && -f "$KJSON" ]]; then
+  # Refresh this GPU's backend="auto" table from the sweep just measured, so the end-to-end
+  # runs below use it; the updated table comes back in $OUT to be committed.
+  stage "backend=auto table from this sweep (python -m bench.choose_backends)"
+  $PY -m bench.choose_backends "$KJSON" && cp int4ops/kernels/auto_backend.json "$OUT/"
 fi
 
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then
