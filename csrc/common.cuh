@@ -99,4 +99,37 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// What both decode kernels (w4a16_gemv.cu, w4a16_mma.cu) take; each extends it with its split plan.
+struct DecodeArgs {
+  const void* x;
+  const uint32_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
+  void* out;             // [M, N] act dtype (splits == 1)
+  float* workspace;      // [splits, M, N] fp32 (splits > 1)
+  int M, N, K, K_rows, group_size, scale_dtype;
+  bool w_vec;  // N % 4 == 0 and qweight 16-byte aligned: vector loads of 4 words
+  bool x_vec;  // K % 8 == 0 and x 16-byte aligned: vector loads of 8 activations
+};
+
+inline DecodeArgs decode_args(const void* x, const void* qweight, const void* scales, const void* zeros, void* out,
+                              void* workspace, int M, int N, int K, int K_rows, int group_size, int scale_dtype) {
+  DecodeArgs a;
+  a.x = x;
+  a.qweight = static_cast<const uint32_t*>(qweight);
+  a.scales = scales;
+  a.zeros = static_cast<const uint8_t*>(zeros);
+  a.out = out;
+  a.workspace = static_cast<float*>(workspace);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.K_rows = K_rows;
+  a.group_size = group_size;
+  a.scale_dtype = scale_dtype;
+  a.w_vec = (N % 4 == 0) && aligned16(qweight);
+  a.x_vec = (K % 8 == 0) && aligned16(x);
+  return a;
+}
+
 }  // namespace int4ops

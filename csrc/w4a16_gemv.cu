@@ -26,17 +26,8 @@ constexpr int kThreads = kTX * kTY;   // 256
 constexpr int kBN = 4 * kTX;          // 64 output columns per block
 constexpr int kUnitRows = 4;          // packed rows per unit (= 32 k)
 
-struct GemvArgs {
-  const void* x;
-  const uint32_t* qweight;
-  const void* scales;
-  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
-  void* out;             // [M, N] act dtype (splits == 1)
-  float* workspace;      // [splits, M, N] fp32 (splits > 1)
-  int N, K, K_rows, group_size, scale_dtype;
+struct GemvArgs : DecodeArgs {
   int units_per_split;
-  bool w_vec;  // qweight rows 16-byte aligned (N % 4 == 0): vector loads
-  bool x_vec;  // x rows 16-byte aligned (K % 8 == 0): vector loads
 };
 
 // 8 activations x[m, k0 .. k0+7] as float; positions >= K read as 0 (x has only K columns).
@@ -235,23 +226,10 @@ extern "C" int int4ops_w4a16_gemv(const void* x, const void* qweight, const void
   if (guard.err != cudaSuccess)
     return set_error(guard.err, "%s: cudaSetDevice(%d): %s", prefix, device, cudaGetErrorString(guard.err));
 
-  GemvArgs a;
-  a.x = x;
-  a.qweight = static_cast<const uint32_t*>(qweight);
-  a.scales = scales;
-  a.zeros = static_cast<const uint8_t*>(zeros);
-  a.out = out;
-  a.workspace = static_cast<float*>(workspace);
-  a.N = N;
-  a.K = K;
-  a.K_rows = K_rows;
-  a.group_size = group_size;
-  a.scale_dtype = scale_dtype;
+  GemvArgs a{decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype)};
   const int units = (K_rows + kUnitRows - 1) / kUnitRows;
   a.units_per_split = (units + splits - 1) / splits;
   splits = (units + a.units_per_split - 1) / a.units_per_split;  // no empty split
-  a.w_vec = (N % 4 == 0) && aligned16(qweight);
-  a.x_vec = (K % 8 == 0) && aligned16(x);
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err = act_dtype == INT4OPS_F16 ? launch<__half>(a, M, splits, s) : launch<__nv_bfloat16>(a, M, splits, s);

@@ -54,19 +54,10 @@ constexpr int kTiles = kBN / 16;  // m16 tiles per warp
 constexpr int kStepRows = 4;      // packed rows per step (32 k)
 constexpr int kStages = 3;        // steps in flight per warp (cp.async ring in shared memory)
 
-struct MmaArgs {
-  const void* x;
-  const uint32_t* qweight;
-  const void* scales;
-  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
-  void* out;             // [M, N] act dtype (splits == 1)
-  float* workspace;      // [splits, M, N] fp32 (splits > 1)
-  int M, N, K, K_rows, group_size, scale_dtype;
+struct MmaArgs : DecodeArgs {
   int steps_per_split;
   int steps_per_group;  // group_size / 32, or every step for one group per channel
-  bool w_vec;  // N % 4 == 0 and qweight 16-byte aligned: vector loads of 4 words
   bool g_vec;  // N % 8 == 0 and scales/zeros aligned: vector loads of a lane's 8 scales/zeros
-  bool x_vec;  // K % 8 == 0 and x 16-byte aligned: vector loads of 8 activations
 };
 
 template <typename P> __device__ __forceinline__ P as_pair(uint32_t v) { return *reinterpret_cast<P*>(&v); }
@@ -435,26 +426,12 @@ extern "C" int int4ops_w4a16_mma(const void* x, const void* qweight, const void*
   if (guard.err != cudaSuccess)
     return set_error(guard.err, "%s: cudaSetDevice(%d): %s", prefix, device, cudaGetErrorString(guard.err));
 
-  MmaArgs a;
-  a.x = x;
-  a.qweight = static_cast<const uint32_t*>(qweight);
-  a.scales = scales;
-  a.zeros = static_cast<const uint8_t*>(zeros);
-  a.out = out;
-  a.workspace = static_cast<float*>(workspace);
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.K_rows = K_rows;
-  a.group_size = group_size;
-  a.scale_dtype = scale_dtype;
+  MmaArgs a{decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype)};
   const int steps = (K_rows + kStepRows - 1) / kStepRows;
   a.steps_per_group = group_size >= K_rows * 8 ? steps : group_size / (kStepRows * 8);
   a.steps_per_split = (steps + splits - 1) / splits;
   splits = (steps + a.steps_per_split - 1) / a.steps_per_split;  // no empty split
-  a.w_vec = (N % 4 == 0) && aligned16(qweight);
   a.g_vec = (N % 8 == 0) && aligned16(scales) && (!zeros || (reinterpret_cast<uintptr_t>(zeros) & 7u) == 0);
-  a.x_vec = (K % 8 == 0) && aligned16(x);
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err = act_dtype == INT4OPS_F16 ? launch<__half>(a, splits, s) : launch<__nv_bfloat16>(a, splits, s);
