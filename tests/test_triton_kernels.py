@@ -158,6 +158,12 @@ def test_gemm_block_k_is_fixed():
         tw.run_kernel("gemm", *args(x, w), block_k=64)
 
 
+def test_gemm_ptx_unpack_needs_16_bit_x_on_a_gpu():
+    x, w, _, _ = make_problem(3, 96, 256, 128, False, torch.float32)
+    with pytest.raises(ValueError, match="use_asm=True needs an NVIDIA GPU and fp16/bf16 x"):
+        tw.run_kernel("gemm", *args(x, w), use_asm=True)
+
+
 def test_empty_m():
     _, w, _, _ = make_problem(1, 33, 64, 32, False, torch.float16)
     x = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
@@ -284,6 +290,22 @@ def test_gpu_groups_odd_shapes(M, group_size, sym):
         for kernel in KERNELS:
             out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, 4099), dtype, "cuda"))
             check(out, ref, dtype, f"{kernel} M={M} g={group_size} seed={seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,group_size,sym", (
+    (1, 33, 172, 64, True), (16, 96, 256, 32, False), (3, 4096, 4096, 128, False),
+    (33, 512, 1024, -1, True), (64, 4099, 4100, 256, False),
+))
+def test_gpu_gemm_ptx_unpack_matches_triton(M, N, K, group_size, sym, dtype):
+    """The GEMM's PTX unpacking (the GPU default) and its plain Triton one (what the CPU suite
+    runs) give the same bits: the same exact q - z, the same one rounding of a folded scale."""
+    x, w, ref, seed = make_problem(M, N, K, group_size, sym, dtype, device="cuda")
+    ptx = tw.run_kernel("gemm", *args(x, w), out=poisoned((M, N), dtype, "cuda"), use_asm=True)
+    plain = tw.run_kernel("gemm", *args(x, w), out=poisoned((M, N), dtype, "cuda"), use_asm=False)
+    check(ptx, ref, dtype, f"gemm M={M} N={N} K={K} g={group_size} seed={seed}")
+    assert torch.equal(ptx, plain), f"PTX and Triton unpacking differ, seed={seed}"
 
 
 @pytest.mark.gpu

@@ -64,7 +64,8 @@ def permute_x_kernel(x_ptr, xp_ptr, K, stride_xm, stride_pm, BLOCK_K: tl.constex
 @triton.jit
 def w4a16_gemm_kernel(
     xp_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr,
-    M, N, K, K_WORDS, group_size,
+    M, N, K, K_WORDS,
+    group_shift,  # log2(group size); 31 for one group per channel (every k0 >> 31 is 0)
     stride_xm, stride_om, stride_split,  # out_ptr is the output (1 split) or the fp32 workspace
     k_per_split,  # a multiple of BLOCK_K
     HAS_ZEROS: tl.constexpr,
@@ -73,6 +74,9 @@ def w4a16_gemm_kernel(
     BLOCK_K: tl.constexpr,  # 128: 16 words, 8 dots of depth 16
     FOLD_SCALE: tl.constexpr,  # groups smaller than BLOCK_K: scale each word row (see module doc)
     DOT_DTYPE: tl.constexpr,  # x's dtype; fp32 for bf16 under the CPU interpreter (see launcher)
+    USE_ASM: tl.constexpr,  # unpack with PTX (unpack_codes_ptx): CUDA, fp16/bf16
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no word mask (every real layer)
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no feature mask
     NUM_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -89,34 +93,155 @@ def w4a16_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
         words = k0 // 8 + offs_i
+        w_ptrs = qweight_ptr + words[None, :] * N + offs_n[:, None]
         w_mask = n_mask[:, None] & (words < K_WORDS)[None, :]
-        qw = tl.load(qweight_ptr + words[None, :] * N + offs_n[:, None], mask=w_mask, other=0)  # [BLOCK_N, 16]
-        if FOLD_SCALE:
-            g = (words * 8) // group_size
-            s = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=w_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(zeros_ptr + g[None, :] * N + offs_n[:, None], mask=w_mask, other=0).to(tl.float32)
-            else:
-                z = tl.zeros_like(s) + 8.0
-            bias = magic_bias(z, tl.float32)
-            for j in tl.static_range(8):
-                w = (codes_minus_zero(qw, 4 * j, bias, tl.float32) * s).to(DOT_DTYPE)
-                xj = tl.load(xp_ptr + offs_m[None, :] * stride_xm + (k0 + 16 * j + offs_i)[:, None],
-                             mask=m_mask[None, :], other=0.0)
-                acc = _dot(w, xj, acc, DOT_DTYPE)
+        if EVEN_K and EVEN_N:
+            qw = tl.load(w_ptrs)  # [BLOCK_N, 16]
         else:
-            scale, zero = load_scale_zero(scales_ptr, zeros_ptr, k0 // group_size, N, offs_n, n_mask, HAS_ZEROS, False)
-            bias = magic_bias(zero, DOT_DTYPE)[:, None]
+            qw = tl.load(w_ptrs, mask=w_mask, other=0)
+        if FOLD_SCALE:  # a scale and zero point per word row
+            g = (words * 8) >> group_shift
+            scale, zero = _scale_zero(scales_ptr + g[None, :] * N + offs_n[:, None],
+                                      zeros_ptr + g[None, :] * N + offs_n[:, None], w_mask,
+                                      HAS_ZEROS, EVEN_K and EVEN_N)
+        else:  # one group for the whole tile: unscaled q - z, the scale multiplies the fp32 tile
+            scale, zero = _scale_zero(scales_ptr + (k0 >> group_shift) * N + offs_n,
+                                      zeros_ptr + (k0 >> group_shift) * N + offs_n, n_mask,
+                                      HAS_ZEROS, EVEN_N)
+            zero, scale = zero[:, None], scale[:, None]
+        if USE_ASM:
+            ws = unpack_codes_ptx(qw, zero, scale, DOT_DTYPE, FOLD_SCALE)
+        if FOLD_SCALE:
+            tile = acc
+        else:
             tile = tl.zeros_like(acc)
-            for j in tl.static_range(8):
-                w = codes_minus_zero(qw, 4 * j, bias, DOT_DTYPE)
-                xj = tl.load(xp_ptr + offs_m[None, :] * stride_xm + (k0 + 16 * j + offs_i)[:, None],
-                             mask=m_mask[None, :], other=0.0)
-                tile = _dot(w, xj, tile, DOT_DTYPE)
-            acc += tile * scale[:, None]
+        for j in tl.static_range(8):
+            if USE_ASM:
+                w = ws[j]
+            else:
+                w = unpack_code(qw, j, zero, scale, DOT_DTYPE, FOLD_SCALE)
+            # Rows of the permuted x are contiguous along k: Triton pipelines this [BLOCK_M, 16]
+            # load with cp.async like the weights, and the transpose is only a shared-memory view.
+            xj = tl.load(xp_ptr + offs_m[:, None] * stride_xm + (k0 + 16 * j + offs_i)[None, :],
+                         mask=m_mask[:, None], other=0.0)
+            tile = _dot(w, tl.trans(xj), tile, DOT_DTYPE)
+        if FOLD_SCALE:
+            acc = tile
+        else:
+            acc += tile * scale
 
     out = out_ptr + pid_k * stride_split + offs_m[None, :] * stride_om + offs_n[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+
+
+@triton.jit
+def _scale_zero(s_ptrs, z_ptrs, mask, HAS_ZEROS: tl.constexpr, UNMASKED: tl.constexpr):
+    """Scales and zero points (8 when symmetric) at s_ptrs / z_ptrs, as fp32."""
+    if UNMASKED:
+        scale = tl.load(s_ptrs).to(tl.float32)
+    else:
+        scale = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if not HAS_ZEROS:
+        zero = tl.zeros_like(scale) + 8.0
+    elif UNMASKED:
+        zero = tl.load(z_ptrs).to(tl.float32)
+    else:
+        zero = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def unpack_code(qw, j: tl.constexpr, zero, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """Code j of every word of ``qw``, minus its zero point (times its scale if SCALED), in
+    DTYPE: the A operand of dot j. zero / scale are fp32, broadcast against qw."""
+    if SCALED:
+        return (codes_minus_zero(qw, 4 * j, magic_bias(zero, tl.float32), tl.float32) * scale).to(DTYPE)
+    return codes_minus_zero(qw, 4 * j, magic_bias(zero, DTYPE), DTYPE)
+
+
+@triton.jit
+def unpack_codes_ptx(qw, zero, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """``unpack_code`` for j = 0..7 at once (a tuple of 8), in PTX; fp16 and bf16 only.
+
+    Triton places this in the wgmma operand layout (kWidth 2), where a thread's 32-bit register
+    holds two K-adjacent words' values. ``pack=2`` hands the PTX exactly such a pair of words
+    and takes back, per code j, one register holding both 16-bit results, so the MMA operand
+    is built in place: 1.25 instructions per code in fp16 (see below), where LLVM's pairing
+    of the Triton version costs ~3.3. Same values as ``unpack_code``: the same exact q - z
+    and, when SCALED, the same one rounding of the product (for scales stored in DTYPE; others
+    are rounded to DTYPE first).
+    """
+    nbias = -magic_bias(zero, DTYPE)  # -(2^m + z): exact in 16 bits
+    if DTYPE == tl.float16:
+        if SCALED:
+            ws = tl.inline_asm_elementwise(_UNPACK_FP16_SCALED, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+                                             [qw, nbias, scale.to(tl.float16)], dtype=(tl.float16,) * 8,
+                                             is_pure=True, pack=2)
+        else:
+            ws = tl.inline_asm_elementwise(_UNPACK_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [qw, nbias],
+                                           dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    elif SCALED:
+        ws = tl.inline_asm_elementwise(_UNPACK_BF16_SCALED, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+                                         [qw, nbias, scale.to(tl.bfloat16)], dtype=(tl.bfloat16,) * 8,
+                                         is_pure=True, pack=2)
+    else:
+        ws = tl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [qw, nbias],
+                                       dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    return ws
+
+
+# PTX of unpack_codes_ptx. Operands: $0..$7 = code j of words (a, b) as a 16-bit pair, $8 = a,
+# $9 = b, $10 = -(magic + z) for both, [$11 = scale for both]. First PRMT gathers the low
+# halves of a and b (codes 0-3 of each) into one register, and the high halves (codes 4-7)
+# into another: every nibble pair (a's code j, b's code j) then sits 16 bits apart, which is
+# what one LOP3 with a 0x000F000F-style mask extracts as two 16-bit lanes. OR-ing in the bits
+# of a power of two whose ulp is the nibble's weight makes each lane exactly magic + q (the
+# I2F-free trick of codes_minus_zero); a 16x2 add of -(magic + z) leaves q - z exactly.
+#
+# fp16 (10 mantissa bits) even takes nibbles 0 and 1 of a half in place: under 1024 (ulp 1)
+# nibble 0 reads as 1024 + q and nibble 1 (bits 4-7) as 1024 + 16 q, which one FMA by 1/16
+# (exact) with -(64 + z) turns into q - z. So a half needs one shift (for nibbles 2, 3):
+# 2 PRMT + 2 SHR + 8 LOP3 + 8 HADD2/HFMA2 (+ 1 HADD2 for the odd bias) for 16 codes. bf16
+# has 7 mantissa bits, so only nibble 0 fits under 128; the others are shifted down first
+# (6 SHR). bf16x2 arithmetic is written as fma.rn.bf16x2 (sm_80); the f16x2 ops need sm_53.
+_PAIRS = """
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;"""
+_FP16_CODES = _PAIRS + """
+shr.b32 lo8, lo, 8;
+shr.b32 hi8, hi, 8;
+mov.b32 sixteenth, 0x2C002C00;
+mov.b32 odd, 0x63806380;
+add.f16x2 odd, odd, $10;
+lop3.b32 $0, lo, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, lo, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $2, lo8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $3, lo8, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $4, hi, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $5, hi, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $6, hi8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $7, hi8, 0x00F000F0, 0x64006400, 0xEA;
+add.f16x2 $0, $0, $10;
+fma.rn.f16x2 $1, $1, sixteenth, odd;
+add.f16x2 $2, $2, $10;
+fma.rn.f16x2 $3, $3, sixteenth, odd;
+add.f16x2 $4, $4, $10;
+fma.rn.f16x2 $5, $5, sixteenth, odd;
+add.f16x2 $6, $6, $10;
+fma.rn.f16x2 $7, $7, sixteenth, odd;"""
+_FP16_DECL = "{\n.reg .b32 lo, hi, lo8, hi8, sixteenth, odd;"
+_UNPACK_FP16 = tl.constexpr(_FP16_DECL + _FP16_CODES + "\n}")
+_UNPACK_FP16_SCALED = tl.constexpr(
+    _FP16_DECL + _FP16_CODES + "".join(f"\nmul.rn.f16x2 ${j}, ${j}, $11;" for j in range(8)) + "\n}")
+_BF16_CODES = _PAIRS + "\nmov.b32 one, 0x3F803F80;" + "".join(
+    f"\nshr.b32 t, {half}, {4 * (j % 4)};\nlop3.b32 ${j}, t, 0x000F000F, 0x43004300, 0xEA;"
+    f"\nfma.rn.bf16x2 ${j}, ${j}, one, $10;"
+    for j, half in enumerate(["lo"] * 4 + ["hi"] * 4))
+_BF16_DECL = "{\n.reg .b32 lo, hi, t, one, negzero;"
+_UNPACK_BF16 = tl.constexpr(_BF16_DECL + _BF16_CODES + "\n}")
+_UNPACK_BF16_SCALED = tl.constexpr(
+    _BF16_DECL + _BF16_CODES + "\nmov.b32 negzero, 0x80008000;"
+    + "".join(f"\nfma.rn.bf16x2 ${j}, ${j}, $11, negzero;" for j in range(8)) + "\n}")
 
 
 @triton.jit
@@ -140,10 +265,11 @@ def permute_x(x: torch.Tensor, K: int, block_k: int = GEMM_BLOCK_K) -> torch.Ten
 
 def w4a16_gemm(
     x, qweight, scales, zeros, K, group_size_eff, out, *,
-    block_m, block_n, block_k=GEMM_BLOCK_K, split_k=1, num_warps=4, num_stages=3,
+    block_m, block_n, block_k=GEMM_BLOCK_K, split_k=1, num_warps=4, num_stages=3, use_asm=None,
 ):
     """Launch x-permute + the GEMM kernel (+ the split-K reduce). Arguments are checked and
-    contiguous (see triton_w4a16)."""
+    contiguous (see triton_w4a16). ``use_asm=None`` unpacks with PTX wherever it can run
+    (CUDA, fp16/bf16); False forces the plain Triton unpacking (for tests)."""
     if block_k != GEMM_BLOCK_K:
         raise ValueError(f"the GEMM kernel's block_k is {GEMM_BLOCK_K} (8 dots of depth 16), got {block_k}")
     M, N = out.shape
@@ -155,19 +281,31 @@ def w4a16_gemm(
     # patterns, so there the tile is multiplied in fp32 instead; GPUs take the bf16 path.
     interpreted_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
     dot_dtype = tl.float32 if interpreted_bf16 else _TL_DTYPES[x.dtype]
+    ptx_ok = x.is_cuda and torch.version.hip is None and x.dtype in (torch.float16, torch.bfloat16)
+    if use_asm and not ptx_ok:
+        raise ValueError(f"use_asm=True needs an NVIDIA GPU and fp16/bf16 x, got {x.dtype} on {x.device}")
     # One scale per K-tile needs the tile inside a group: groups that are multiples of the
     # tile, or one group per channel (group_size_eff >= K).
-    fold_scale = group_size_eff % block_k != 0 and group_size_eff < K
+    per_channel = group_size_eff >= K
+    fold_scale = group_size_eff % block_k != 0 and not per_channel
     w4a16_gemm_kernel[grid](
         xp, qweight, scales, zeros if zeros is not None else scales, target,
-        M, N, K, qweight.shape[0], group_size_eff,
+        M, N, K, qweight.shape[0], 31 if per_channel else group_shift(group_size_eff),
         xp.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        FOLD_SCALE=fold_scale, DOT_DTYPE=dot_dtype, NUM_STAGES=num_stages,
+        FOLD_SCALE=fold_scale, DOT_DTYPE=dot_dtype, USE_ASM=ptx_ok if use_asm is None else use_asm,
+        EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
         num_warps=num_warps, num_stages=num_stages,
     )
     splitk_finish(target, out)
     return out
+
+
+def group_shift(group_size: int) -> int:
+    """log2 of a power-of-two group size (format.GROUP_SIZES): kernels index groups by shift."""
+    if group_size <= 0 or group_size & (group_size - 1):
+        raise ValueError(f"group size {group_size} is not a power of two")
+    return group_size.bit_length() - 1
 
 
 @triton.jit
