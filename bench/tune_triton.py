@@ -25,7 +25,7 @@ from int4ops import dequantize, quantize_rtn
 from int4ops.kernels import triton_w4a16 as tw
 
 log = logging.getLogger("tune")
-SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (28672, 8192)]
 MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
 
 
@@ -168,7 +168,7 @@ def main():
             log.info(line)
             summary.append(line)
             data = dict(device=props.name, triton=triton.__version__, torch=torch.__version__, group_size=128,
-                        dtype="float16", note="written by triton_w4a16_tune.py; see notes/triton_kernels.md",
+                        dtype="float16", note="written by bench/tune_triton.py; see notes/triton_kernels.md",
                         configs=table)
             with open(os.path.join(args.out, os.path.basename(tw.tuned_file(props.name))), "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)

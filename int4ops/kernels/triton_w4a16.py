@@ -2,8 +2,8 @@
 
 Three paths (each kernel next to its launcher):
 
-    gemv     triton_gemv.py  w4a16_gemv            decode, M = 1..2: a weight stream, split-K
-    gemm     triton_gemm.py  w4a16_gemm            M = 3..128: fused tensor-core tiles (W on the left), split-K
+    gemv     triton_gemv.py  w4a16_gemv            decode, M = 1 on small weights: a weight stream, split-K
+    gemm     triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
     dequant  triton_gemm.py  w4a16_dequant_matmul  large M: dequantize to a dense buffer + cuBLAS
 
 ``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
@@ -109,21 +109,27 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
     if kernel == "dequant":
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
-    # Fused GEMM (H100 sweep, 2026-11-22): the activation rows are the MMA's N, so the row tile
-    # only needs to cover M; 64-feature tiles for narrow layers at M <= 16 (more programs),
-    # 128 otherwise; K split until ~3 programs per SM.
+    # Fused GEMM (H100 tuning, 2026-11-22, PTX unpacking): the activation rows are the MMA's N,
+    # so the row tile only needs to cover M; 64-feature tiles at M <= 16 (more programs), 128
+    # above; K split until ~3 programs per SM, and so that no program walks more than 16 K-tiles.
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n = 64 if M <= 16 and N < 16384 else 128
+    block_n = 64 if M <= 16 else 128
     tiles = math.ceil(M / block_m) * math.ceil(N / block_n)
-    split_k = _split_for(tiles, math.ceil(K / 128), sms, waves=3, cap=8)
+    k_tiles = math.ceil(K / 128)
+    split_k = max(_split_for(tiles, k_tiles, sms, waves=3, cap=8), min(8, math.ceil(k_tiles / 16)))
     return dict(kernel="gemm", block_m=block_m, block_n=block_n, block_k=128, split_k=split_k,
                 num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
-def default_kernel(M: int) -> str:
-    """gemv streams the weights once per row: best at M <= 2. The fused GEMM wins while the
-    weight stream dominates; past M = 128 dequantize + cuBLAS wins (H100 measurements)."""
-    return "gemv" if M <= 2 else "gemm" if M <= 128 else "dequant"
+def default_kernel(M: int, N: int, K: int) -> str:
+    """The fused GEMM runs even a single row on the tensor cores (15 of 16 MMA rows idle): its
+    PTX unpacking costs fewer instructions per weight than the GEMV's FMAs, which wins once
+    the weight is large (M = 1, H100: 2.1-3.0x over cuBLAS from 4096x14336 up, vs 2.0-2.6x).
+    Small weights are latency-bound and the GEMV's one launch less wins there. Past M = 128
+    dequantize + cuBLAS wins."""
+    if M == 1:
+        return "gemm" if N * K >= 2**25 else "gemv"
+    return "gemm" if M <= 128 else "dequant"
 
 
 def tuned_file(device_name: str) -> Path:
@@ -167,7 +173,7 @@ def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int,
         cfg = _tuned(table, M, N, K, group_size)
         if cfg is not None:
             return cfg
-    return heuristic_config(forced or default_kernel(M), M, N, K, group_size, sms)
+    return heuristic_config(forced or default_kernel(M, N, K), M, N, K, group_size, sms)
 
 
 # ----------------------------------------------------------------------------------------------
