@@ -44,7 +44,7 @@ def candidates(M):
     if M <= 32:
         return [gemm(32, bn, s, w) for bn, w in ((64, 4), (128, 4), (128, 8)) for s in splits]
     if M <= 128:
-        return [gemm(bm, 128, s, w) for bm in (32, 64) for w in (4, 8) for s in splits] + deq
+        return [gemm(bm, bn, s, w) for bm in (32, 64) for bn in (64, 128) for w in (4, 8) for s in splits] + deq
     return [gemm(64, 128, 1, 8)] + deq
 
 

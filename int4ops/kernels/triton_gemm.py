@@ -49,16 +49,18 @@ GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum
 
 
 @triton.jit
-def permute_x_kernel(x_ptr, xp_ptr, K, stride_xm, stride_pm, BLOCK_K: tl.constexpr):
-    """xp[m, k0 + (BLOCK_K // 8) j + i] = x[m, k0 + 8 i + j] for one row m and K-tile k0;
-    columns past K become 0 (they meet the padded codes of the last group)."""
+def permute_x_kernel(x_ptr, xp_ptr, K, K_TILES, stride_xm, stride_pm, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+    """xp[m, k0 + (BLOCK_K // 8) j + i] = x[m, k0 + 8 i + j] for one row m and TILES K-tiles
+    k0 (several per program: at one tile per program the launch of thousands of one-warp
+    programs cost more than the copy); columns past K become 0 (they meet the padded codes
+    of the last group)."""
     m = tl.program_id(0)
-    k0 = tl.program_id(1) * BLOCK_K
-    i = tl.arange(0, BLOCK_K // 8)[:, None]
-    j = tl.arange(0, 8)[None, :]
-    k = k0 + 8 * i + j
+    t = tl.program_id(1) * TILES + tl.arange(0, TILES)[:, None, None]
+    i = tl.arange(0, BLOCK_K // 8)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    k = t * BLOCK_K + 8 * i + j
     v = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0)
-    tl.store(xp_ptr + m * stride_pm + k0 + (BLOCK_K // 8) * j + i, v)
+    tl.store(xp_ptr + m * stride_pm + t * BLOCK_K + (BLOCK_K // 8) * j + i, v, mask=t < K_TILES)
 
 
 @triton.jit
@@ -259,7 +261,9 @@ def permute_x(x: torch.Tensor, K: int, block_k: int = GEMM_BLOCK_K) -> torch.Ten
     M = x.shape[0]
     k_tiles = triton.cdiv(K, block_k)
     xp = torch.empty((M, k_tiles * block_k), dtype=x.dtype, device=x.device)
-    permute_x_kernel[(M, k_tiles)](x, xp, K, x.stride(0), xp.stride(0), BLOCK_K=block_k, num_warps=1)
+    tiles = min(8, triton.next_power_of_2(k_tiles))
+    permute_x_kernel[(M, triton.cdiv(k_tiles, tiles))](x, xp, K, k_tiles, x.stride(0), xp.stride(0),
+                                                        BLOCK_K=block_k, TILES=tiles, num_warps=4)
     return xp
 
 

@@ -182,8 +182,9 @@ def splitk_target(out: torch.Tensor, split_k: int) -> torch.Tensor:
 def splitk_finish(target: torch.Tensor, out: torch.Tensor) -> None:
     if target is out:
         return
-    block = 1024
     numel = out.numel()
+    # Small outputs (decode) get small blocks so that the reads spread over many SMs.
+    block = 256 if numel <= 2**16 else 1024
     splitk_reduce_kernel[(triton.cdiv(numel, block),)](
         target, out, numel, SPLIT_K=target.shape[0], BLOCK=block, num_warps=4
     )
