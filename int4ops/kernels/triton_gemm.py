@@ -1,6 +1,6 @@
-"""Larger-M W4A16 paths: a fused tensor-core GEMM, and dequantize + vendor GEMM.
+"""The tensor-core W4A16 paths: a fused GEMM, and dequantize + vendor GEMM.
 
-``w4a16_gemm`` (fused, M from 3 to ~128) computes the product transposed,
+``w4a16_gemm`` (fused, M from 1 to ~128) computes the product transposed,
 
     out^T [N, M] = W [N, K] @ x^T [K, M]
 
@@ -10,13 +10,16 @@ of a wgmma may live in registers: Triton loads the packed words into shared memo
 there, so the 16-bit weights never touch shared memory. (With W on the right, as in a
 plain ``x @ W^T`` tile, the unpacked tile has to be restaged through shared memory before
 every MMA; that kernel reached 0.45-0.6x of cuBLAS at M = 32-64 on an H100, this one
-0.85-1.5x.) The small M becomes the MMA's N (16..64, no padding to 64 rows).
+0.9-2.0x.) The small M becomes the MMA's N (16..64, no padding to 64 rows); even at M = 1
+(15 of 16 MMA columns idle) this beats the FMA-based GEMV on large weights, because the
+tensor cores take the multiply-adds and the unpacking (PTX, ``unpack_codes_ptx``) costs
+~1.3 instructions per code.
 
 Unpacking without shuffles. A K-tile of BLOCK_K = 128 is 16 packed words per output
 feature; word i holds the codes of k = 8 i + j, j = 0..7 (format.py). The tile is done
 as 8 dots of depth 16: dot j takes code j of all 16 words, i.e. k = 8 i + j for i = 0..15,
 an elementwise function of the loaded word tile (this is what lets Triton unpack in the
-MMA layout). The matching activations x[:, 8 i + j] are strided in memory, so a tiny
+MMA layout, and the PTX work on the two K-adjacent words each register pair holds). The matching activations x[:, 8 i + j] are strided in memory, so a tiny
 kernel first writes x permuted within each K-tile,
 
     xp[m, k0 + 16 j + i] = x[m, k0 + 8 i + j]        (permute_x_kernel; K padded to the tile)
@@ -168,7 +171,7 @@ def unpack_codes_ptx(qw, zero, scale, DTYPE: tl.constexpr, SCALED: tl.constexpr)
     Triton places this in the wgmma operand layout (kWidth 2), where a thread's 32-bit register
     holds two K-adjacent words' values. ``pack=2`` hands the PTX exactly such a pair of words
     and takes back, per code j, one register holding both 16-bit results, so the MMA operand
-    is built in place: 1.25 instructions per code in fp16 (see below), where LLVM's pairing
+    is built in place: ~1.3 instructions per code in fp16 (see below), where LLVM's pairing
     of the Triton version costs ~3.3. Same values as ``unpack_code``: the same exact q - z
     and, when SCALED, the same one rounding of the product (for scales stored in DTYPE; others
     are rounded to DTYPE first).
