@@ -171,8 +171,8 @@ def main():
             log.info(line)
             summary.append(line)
             data = dict(device=props.name, triton=triton.__version__, torch=torch.__version__, group_size=128,
-                        dtype="float16 and bfloat16 (the slower of the two)", note="written by bench/tune_triton.py; see notes/triton_kernels.md",
-                        configs=table)
+                        dtype="float16 and bfloat16 (the slower of the two)",
+                        note="written by bench/tune_triton.py; see notes/triton_kernels.md", configs=table)
             with open(os.path.join(args.out, os.path.basename(tw.tuned_file(props.name))), "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
             with open(os.path.join(args.out, "tune_log.csv"), "w") as f:

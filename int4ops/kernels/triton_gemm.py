@@ -19,8 +19,9 @@ Unpacking without shuffles. A K-tile of BLOCK_K = 128 is 16 packed words per out
 feature; word i holds the codes of k = 8 i + j, j = 0..7 (format.py). The tile is done
 as 8 dots of depth 16: dot j takes code j of all 16 words, i.e. k = 8 i + j for i = 0..15,
 an elementwise function of the loaded word tile (this is what lets Triton unpack in the
-MMA layout, and the PTX work on the two K-adjacent words each register pair holds). The matching activations x[:, 8 i + j] are strided in memory, so a tiny
-kernel first writes x permuted within each K-tile,
+MMA layout, and the PTX work on the two K-adjacent words each register pair holds). The
+matching activations x[:, 8 i + j] are strided in memory, so a tiny kernel first writes x
+permuted within each K-tile,
 
     xp[m, k0 + 16 j + i] = x[m, k0 + 8 i + j]        (permute_x_kernel; K padded to the tile)
 
@@ -46,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import codes_minus_zero, k_split, load_scale_zero, magic_bias, splitk_finish, splitk_target
+from .triton_gemv import (codes_minus_zero, k_split, load_scale_zero, magic_bias, scales_zeros_at, splitk_finish,
+                          splitk_target)
 
 GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum depth)
 
@@ -106,13 +108,13 @@ def w4a16_gemm_kernel(
             qw = tl.load(w_ptrs, mask=w_mask, other=0)
         if FOLD_SCALE:  # a scale and zero point per word row
             g = (words * 8) >> group_shift
-            scale, zero = _scale_zero(scales_ptr + g[None, :] * N + offs_n[:, None],
-                                      zeros_ptr + g[None, :] * N + offs_n[:, None], w_mask,
-                                      HAS_ZEROS, EVEN_K and EVEN_N)
+            scale, zero = scales_zeros_at(scales_ptr + g[None, :] * N + offs_n[:, None],
+                                          zeros_ptr + g[None, :] * N + offs_n[:, None], w_mask,
+                                          HAS_ZEROS, EVEN_K and EVEN_N)
         else:  # one group for the whole tile: unscaled q - z, the scale multiplies the fp32 tile
-            scale, zero = _scale_zero(scales_ptr + (k0 >> group_shift) * N + offs_n,
-                                      zeros_ptr + (k0 >> group_shift) * N + offs_n, n_mask,
-                                      HAS_ZEROS, EVEN_N)
+            g = k0 >> group_shift
+            scale, zero = scales_zeros_at(scales_ptr + g * N + offs_n, zeros_ptr + g * N + offs_n, n_mask,
+                                          HAS_ZEROS, EVEN_N)
             zero, scale = zero[:, None], scale[:, None]
         if USE_ASM:
             ws = unpack_codes_ptx(qw, zero, scale, DOT_DTYPE, FOLD_SCALE)
@@ -137,22 +139,6 @@ def w4a16_gemm_kernel(
 
     out = out_ptr + pid_k * stride_split + offs_m[None, :] * stride_om + offs_n[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
-
-
-@triton.jit
-def _scale_zero(s_ptrs, z_ptrs, mask, HAS_ZEROS: tl.constexpr, UNMASKED: tl.constexpr):
-    """Scales and zero points (8 when symmetric) at s_ptrs / z_ptrs, as fp32."""
-    if UNMASKED:
-        scale = tl.load(s_ptrs).to(tl.float32)
-    else:
-        scale = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if not HAS_ZEROS:
-        zero = tl.zeros_like(scale) + 8.0
-    elif UNMASKED:
-        zero = tl.load(z_ptrs).to(tl.float32)
-    else:
-        zero = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
-    return scale, zero
 
 
 @triton.jit

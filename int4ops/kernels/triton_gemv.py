@@ -148,16 +148,22 @@ def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N, offs_w
 def load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS: tl.constexpr, EVEN_N: tl.constexpr):
     """Scale and zero point of group ``g`` for columns ``offs_n``, as fp32 [BLOCK_N] (zero point 8
     when symmetric). EVEN_N drops the column mask (N a multiple of BLOCK_N)."""
-    if EVEN_N:
-        scale = tl.load(scales_ptr + g * N + offs_n).to(tl.float32)
+    return scales_zeros_at(scales_ptr + g * N + offs_n, zeros_ptr + g * N + offs_n, n_mask, HAS_ZEROS, EVEN_N)
+
+
+@triton.jit
+def scales_zeros_at(s_ptrs, z_ptrs, mask, HAS_ZEROS: tl.constexpr, UNMASKED: tl.constexpr):
+    """Scales and zero points (8 when symmetric) at the pointers s_ptrs / z_ptrs, as fp32."""
+    if UNMASKED:
+        scale = tl.load(s_ptrs).to(tl.float32)
     else:
-        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
     if not HAS_ZEROS:
         zero = tl.zeros_like(scale) + 8.0
-    elif EVEN_N:
-        zero = tl.load(zeros_ptr + g * N + offs_n).to(tl.float32)
+    elif UNMASKED:
+        zero = tl.load(z_ptrs).to(tl.float32)
     else:
-        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+        zero = tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
     return scale, zero
 
 
