@@ -292,3 +292,21 @@ def test_repro_check_flags_a_run_outside_the_spread(tmp_path):
     assert repro.main(["check", str(paths["merged"]), str(paths["d2"])]) == 2
     assert repro.main(["merge", str(paths["single"]), str(paths["out"]), "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["repro"]["runs"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_launches_needs_a_gpu(capsys):
+    from bench import launches
+
+    assert launches.main(["--ms", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_launches_on_gpu(tmp_path):
+    from bench import launches
+
+    out = tmp_path / "launches.txt"
+    assert launches.main(["--shapes", "512x384", "--ms", "1,16", "--replays", "1", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and all("us/call" in line and "kernel" in line for line in lines[1:])
