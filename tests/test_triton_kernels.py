@@ -241,6 +241,16 @@ def test_heuristic_configs_are_valid(M, N, K, group_size):
         assert 1 <= cfg.get("split_k", 1) <= math.ceil(K / bk), cfg
 
 
+def test_default_kernel_rule():
+    """Untuned GPUs: the GEMM from M = 1 on large weights (the GEMV on small ones), dequantize
+    + cuBLAS past M = 128."""
+    assert tw.default_kernel(1, 4096, 4096) == "gemv"
+    assert tw.default_kernel(1, 28672, 4096) == "gemm"
+    assert tw.default_kernel(2, 4096, 4096) == "gemm"
+    assert tw.default_kernel(128, 4096, 4096) == "gemm"
+    assert tw.default_kernel(129, 4096, 4096) == "dequant"
+
+
 def test_shipped_tuned_configs_are_valid():
     files = sorted(tw.TUNED_DIR.glob("*.json"))
     for path in files:
