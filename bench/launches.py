@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.tune_triton import graph_time_us
+    from bench.tune_triton import capture_graph, replay_time_us
     from int4ops import quantize_rtn
     from int4ops.kernels import triton_w4a16 as tw
 
@@ -54,13 +54,8 @@ def main(argv=None) -> int:
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=dtype)
             calls = [lambda w=w: tw.w4a16_matmul(x, w.qweight, w.scales, w.zeros, K, args.group_size) for w in ws]
-            per_call = graph_time_us(calls)  # also warms up (JIT) every kernel
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for call in calls:
-                    call()
-            graph.replay()
-            torch.cuda.synchronize()
+            graph = capture_graph(calls)
+            per_call = replay_time_us(graph, len(calls))
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.replays):
                     graph.replay()

@@ -51,8 +51,9 @@ def candidates(M):
     return [gemm(64, 128, 1, 8)] + deq
 
 
-def graph_time_us(fns):
-    """Median time per call of a CUDA graph replaying fns (one call per weight copy)."""
+def capture_graph(fns):
+    """A CUDA graph calling each of fns once (one call per weight copy), after one eager call
+    of each (JIT compile, allocations) and one warm-up replay."""
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -62,6 +63,11 @@ def graph_time_us(fns):
             f()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def replay_time_us(g, calls):
+    """Median time per call of replays of graph g, which makes ``calls`` calls."""
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     g.replay()
@@ -76,7 +82,12 @@ def graph_time_us(fns):
         e1.record()
         torch.cuda.synchronize()
         times.append(e0.elapsed_time(e1) / reps)
-    return statistics.median(times) / len(fns) * 1e3
+    return statistics.median(times) / calls * 1e3
+
+
+def graph_time_us(fns):
+    """Median time per call of a CUDA graph replaying fns (one call per weight copy)."""
+    return replay_time_us(capture_graph(fns), len(fns))
 
 
 def rel(a, b):
