@@ -39,7 +39,8 @@ def args(x, w):
 
 
 def check_w_rounding_path(out, x, w, ref, dtype, what):
-    """Paths that round W to x.dtype before a GEMM (``dequant``). With many outputs the usual
+    """Paths that round W to x.dtype before a GEMM (``dequant``, the GEMM's folded scales at
+    groups 32/64; a single N=1 output measured 2.2e-3 there). With many outputs the usual
     relative check applies (measured worst 4.2e-3 bf16 / 3.7e-4 fp16 at N >= 33). With few, a
     lone output whose terms cancel can miss it on a correct kernel, so each element is held
     to the rounding bound instead: |out - ref| <= 2 ulp * (|x| @ |W|.T), ulp = 2^-7 (bf16,
@@ -82,7 +83,8 @@ def test_kernel_matches_reference(kernel, case):
     M, N, K, gs, sym, dtype, sdt = case
     x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
     out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, DEVICE))
-    if kernel == "dequant":
+    # dequant, and the GEMM at groups 32/64 (scale folded into W), round W to x.dtype first.
+    if kernel == "dequant" or (kernel == "gemm" and gs in (32, 64) and gs < K):
         check_w_rounding_path(out, x, w, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
     else:
         check(out, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
