@@ -54,6 +54,12 @@ def check_w_rounding_path(out, x, w, ref, dtype, what):
     assert excess <= 1, f"{what}: an element is {excess:.2f}x its rounding bound"
 
 
+def rounds_w(kernel, group_size, K):
+    """Whether ``kernel`` rounds W to x.dtype before multiplying: dequant always, the GEMM at
+    groups 32/64 (the scale folded into W)."""
+    return kernel == "dequant" or (kernel == "gemm" and group_size in (32, 64) and group_size < K)
+
+
 def check(out, ref, dtype, what):
     assert out.dtype == dtype and out.shape == ref.shape, what
     err = rel_err(out, ref)
@@ -83,8 +89,7 @@ def test_kernel_matches_reference(kernel, case):
     M, N, K, gs, sym, dtype, sdt = case
     x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
     out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, DEVICE))
-    # dequant, and the GEMM at groups 32/64 (scale folded into W), round W to x.dtype first.
-    if kernel == "dequant" or (kernel == "gemm" and gs in (32, 64) and gs < K):
+    if rounds_w(kernel, gs, K):
         check_w_rounding_path(out, x, w, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
     else:
         check(out, ref, dtype, f"{kernel} {case_id(case)} seed={seed}")
@@ -123,7 +128,7 @@ def test_op_with_forced_kernel(kernel, case, monkeypatch):
     M, N, K, gs, sym, dtype, sdt = case
     x, w, ref, seed = make_problem(M, N, K, gs, sym, dtype, sdt)
     out = torch.ops.int4ops.w4a16_mm(*args(x, w), backend="triton")
-    if kernel == "dequant":
+    if rounds_w(kernel, gs, K):
         check_w_rounding_path(out, x, w, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
     else:
         check(out, ref, dtype, f"op/{kernel} {case_id(case)} seed={seed}")
