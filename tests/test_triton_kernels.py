@@ -326,6 +326,29 @@ def test_gpu_gemm_ptx_unpack_matches_triton(M, N, K, group_size, sym, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel,M,config", [
+    ("gemv", 1, dict(block_n=64, split_k=8)),  # early reduce
+    ("gemm", 16, dict(block_m=16, block_n=64, split_k=8)),  # early reduce
+    ("gemm", 64, dict(block_m=64, block_n=128, split_k=4, num_warps=8)),  # early GEMM
+    ("gemm", 64, dict(block_m=64, block_n=128, split_k=1, num_warps=8)),  # early GEMM, no reduce
+])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gpu_pdl_same_bits(kernel, M, config, dtype, monkeypatch):
+    """Launching a call's second kernel early (programmatic dependent launch, the default on
+    Hopper) gives the same bits as plain launches: it waits for the kernel before it. The
+    weights are big enough that the kernels overlap in time."""
+    x, w, ref, seed = make_problem(M, 4096, 4096, 128, False, dtype, device="cuda")
+    from int4ops.kernels.triton_gemv import use_pdl
+    if not use_pdl(x.device):
+        pytest.skip("no programmatic dependent launch on this GPU (needs sm_90+)")
+    early = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, 4096), dtype, "cuda"), **config)
+    monkeypatch.setenv("INT4OPS_PDL", "0")
+    plain = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, 4096), dtype, "cuda"), **config)
+    check(early, ref, dtype, f"{kernel} M={M} {config} seed={seed}")
+    assert torch.equal(early, plain), f"PDL changed the result, seed={seed}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", (1, 64))
 def test_gpu_opcheck(M):
     x, w, _, _ = make_problem(M, 512, 384, 128, False, torch.float16, device="cuda")

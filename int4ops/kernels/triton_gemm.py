@@ -47,18 +47,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import (codes_minus_zero, k_split, load_scale_zero, magic_bias, scales_zeros_at, splitk_finish,
-                          splitk_target)
+from .triton_gemv import (codes_minus_zero, gdc_launch_dependents, gdc_wait, k_split, load_scale_zero, magic_bias,
+                          scales_zeros_at, splitk_finish, splitk_target, use_pdl)
 
 GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum depth)
 
 
 @triton.jit
-def permute_x_kernel(x_ptr, xp_ptr, K, K_TILES, stride_xm, stride_pm, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+def permute_x_kernel(x_ptr, xp_ptr, K, K_TILES, stride_xm, stride_pm, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+                     PDL_TRIGGER: tl.constexpr):
     """xp[m, k0 + (BLOCK_K // 8) j + i] = x[m, k0 + 8 i + j] for one row m and TILES K-tiles
     k0 (several per program: at one tile per program the launch of thousands of one-warp
     programs cost more than the copy); columns past K become 0 (they meet the padded codes
     of the last group)."""
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     m = tl.program_id(0)
     t = tl.program_id(1) * TILES + tl.arange(0, TILES)[:, None, None]
     i = tl.arange(0, BLOCK_K // 8)[None, :, None]
@@ -85,7 +88,13 @@ def w4a16_gemm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no word mask (every real layer)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no feature mask
     NUM_STAGES: tl.constexpr,
+    PDL_WAIT: tl.constexpr,  # launched early (use_pdl): wait for the permuted x
+    PDL_TRIGGER: tl.constexpr,  # let the split-K reduce launch now
 ):
+    if PDL_WAIT:
+        gdc_wait()
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -245,14 +254,15 @@ def _dot(w, x, acc, DOT_DTYPE: tl.constexpr):
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def permute_x(x: torch.Tensor, K: int, block_k: int = GEMM_BLOCK_K) -> torch.Tensor:
-    """x [M, K] -> xp [M, K rounded up to block_k], permuted as the GEMM kernel reads it."""
+def permute_x(x: torch.Tensor, K: int, block_k: int = GEMM_BLOCK_K, pdl: bool = False) -> torch.Tensor:
+    """x [M, K] -> xp [M, K rounded up to block_k], permuted as the GEMM kernel reads it;
+    ``pdl``: the next kernel may launch early (it must ``gdc_wait`` before reading xp)."""
     M = x.shape[0]
     k_tiles = triton.cdiv(K, block_k)
     xp = torch.empty((M, k_tiles * block_k), dtype=x.dtype, device=x.device)
     tiles = min(8, triton.next_power_of_2(k_tiles))
     permute_x_kernel[(M, triton.cdiv(k_tiles, tiles))](x, xp, K, k_tiles, x.stride(0), xp.stride(0),
-                                                        BLOCK_K=block_k, TILES=tiles, num_warps=4)
+                                                        BLOCK_K=block_k, TILES=tiles, PDL_TRIGGER=pdl, num_warps=4)
     return xp
 
 
@@ -266,8 +276,15 @@ def w4a16_gemm(
     if block_k != GEMM_BLOCK_K:
         raise ValueError(f"the GEMM kernel's block_k is {GEMM_BLOCK_K} (8 dots of depth 16), got {block_k}")
     M, N = out.shape
-    xp = permute_x(x, K, block_k)
     k_per_split, split_k = k_split(K, block_k, split_k)
+    # One early launch per call (use_pdl). Both (permute -> GEMM -> reduce) was slower than
+    # either alone at M >= 4 (11.1 -> 14.4 us at 4096x4096 M=16, H100). Of the two, the
+    # reduce gains more behind GEMMs of 16-row tiles with split K, the GEMM elsewhere (M=64:
+    # 13.6 vs 14.3 us at 4096x4096; bench/results/pdl_h100_2026-11-22.txt).
+    pdl = use_pdl(x.device)
+    pdl_reduce = pdl and split_k > 1 and block_m <= 16
+    pdl_gemm = pdl and not pdl_reduce
+    xp = permute_x(x, K, block_k, pdl_gemm)
     target = splitk_target(out, split_k)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
     # The CPU interpreter (triton 3.9) does bf16 arithmetic and tl.dot on the raw 16-bit
@@ -288,9 +305,10 @@ def w4a16_gemm(
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         FOLD_SCALE=fold_scale, DOT_DTYPE=dot_dtype, USE_ASM=ptx_ok if use_asm is None else use_asm,
         EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
-        num_warps=num_warps, num_stages=num_stages,
+        PDL_WAIT=pdl_gemm, PDL_TRIGGER=pdl_reduce,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl_gemm,
     )
-    splitk_finish(target, out)
+    splitk_finish(target, out, pdl_reduce)
     return out
 
 
