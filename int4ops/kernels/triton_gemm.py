@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import (codes_minus_zero, gdc_launch_dependents, gdc_wait, k_split, load_scale_zero, magic_bias,
-                          scales_zeros_at, splitk_finish, splitk_target, use_pdl)
+from .triton_gemv import (codes_minus_zero, gdc_launch_dependents, gdc_wait, k_split, launched_early, load_scale_zero,
+                          magic_bias, scales_zeros_at, splitk_finish, splitk_target, use_pdl)
 
 GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum depth)
 
@@ -306,7 +306,7 @@ def w4a16_gemm(
         FOLD_SCALE=fold_scale, DOT_DTYPE=dot_dtype, USE_ASM=ptx_ok if use_asm is None else use_asm,
         EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
         PDL_WAIT=pdl_gemm, PDL_TRIGGER=pdl_reduce,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl_gemm,
+        num_warps=num_warps, num_stages=num_stages, **launched_early(pdl_gemm),
     )
     splitk_finish(target, out, pdl_reduce)
     return out

@@ -208,7 +208,7 @@ def splitk_finish(target: torch.Tensor, out: torch.Tensor, pdl: bool = False) ->
     # Small outputs (decode) get small blocks so that the reads spread over many SMs.
     block = 256 if numel <= 2**16 else 1024
     splitk_reduce_kernel[(triton.cdiv(numel, block),)](
-        target, out, numel, SPLIT_K=target.shape[0], BLOCK=block, PDL_WAIT=pdl, num_warps=4, launch_pdl=pdl,
+        target, out, numel, SPLIT_K=target.shape[0], BLOCK=block, PDL_WAIT=pdl, num_warps=4, **launched_early(pdl),
     )
 
 
@@ -232,6 +232,12 @@ def use_pdl(device: torch.device) -> bool:
     11.1 -> 9.8 us for the GEMM at M=16 (bench/results/pdl_h100_2026-11-22.txt).
     ``INT4OPS_PDL=0`` turns it off (A/B timing)."""
     return os.environ.get("INT4OPS_PDL", "1") != "0" and _pdl_capable(device)
+
+
+def launched_early(pdl: bool) -> dict:
+    """The launch option of a kernel launched with PDL. Passed only when set: Triton before 3.3
+    has no such option and refuses unknown keywords (use_pdl is always False there)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
