@@ -9,14 +9,12 @@ the same bits. See ``use_pdl`` in int4ops/kernels/triton_gemv.py for what PDL ch
 """
 
 import argparse
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from bench.tune_triton import SHAPES, graph_time_us
-from int4ops import quantize_rtn
+from bench.tune_triton import SHAPES, graph_time_us, weight_copies
 from int4ops.kernels import triton_w4a16 as tw
 from int4ops.kernels.triton_gemv import use_pdl
 
@@ -34,12 +32,8 @@ def main(argv=None) -> int:
              "us per call (speedup over cuBLAS fp16), PDL off / on / off / on"]
     print(lines[0], flush=True)
     for N, K in SHAPES:
-        w0 = quantize_rtn(torch.randn(N, K, device=dev, dtype=torch.float16), 128, False)
-        copies = max(1, math.ceil(2.4 * props.L2_cache_size / w0.nbytes))
-        ws = [w0] + [quantize_rtn(torch.randn(N, K, device=dev, dtype=torch.float16), 128, False)
-                     for _ in range(copies - 1)]
-        dense = [torch.randn(N, K, device=dev, dtype=torch.float16)
-                 for _ in range(max(1, math.ceil(2.4 * props.L2_cache_size / (N * K * 2))))]
+        ws, dense = weight_copies(N, K, dev, props.L2_cache_size)
+        w0 = ws[0]
         for M in (int(m) for m in args.ms.split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             t_cublas = graph_time_us([lambda d=d: F.linear(x, d) for d in dense])

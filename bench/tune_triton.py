@@ -90,6 +90,17 @@ def graph_time_us(fns):
     return replay_time_us(capture_graph(fns), len(fns))
 
 
+def weight_copies(N, K, device, l2_bytes):
+    """Random g128 int4 weights [N, K] and fp16 dense ones, each in enough copies to exceed
+    2.4x L2, so that a graph calling one per copy streams every weight from HBM."""
+    w0 = quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), 128, False)
+    ws = [w0] + [quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), 128, False)
+                 for _ in range(max(1, math.ceil(2.4 * l2_bytes / w0.nbytes)) - 1)]
+    dense = [torch.randn(N, K, device=device, dtype=torch.float16)
+             for _ in range(max(1, math.ceil(2.4 * l2_bytes / (N * K * 2))))]
+    return ws, dense
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -126,13 +137,8 @@ def main():
             log.info(summary[-1])
     weights = {}
     for N, K in SHAPES:
-        w0 = quantize_rtn(torch.randn(N, K, device=dev, dtype=torch.float16), 128, False)
-        copies = max(1, math.ceil(2.4 * l2 / w0.nbytes))
-        ws = [w0] + [quantize_rtn(torch.randn(N, K, device=dev, dtype=torch.float16), 128, False)
-                     for _ in range(copies - 1)]
-        dense = [torch.randn(N, K, device=dev, dtype=torch.float16)
-                 for _ in range(max(1, math.ceil(2.4 * l2 / (N * K * 2))))]
-        weights[(N, K)] = (ws, dense, dequantize(w0, torch.float16))
+        ws, dense = weight_copies(N, K, dev, l2)
+        weights[(N, K)] = (ws, dense, dequantize(ws[0], torch.float16))
 
     for M in ms:
         for N, K in SHAPES:
