@@ -89,6 +89,11 @@ __device__ __forceinline__ void codes_minus_8(uint32_t word, float (&w)[8]) {
 namespace {
 template <typename T>
 __global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict__ out, int MN, int splits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched early with programmatic dependent launch (w4a16_mma_stream.cu), this waits for the
+  // kernel that writes the partials to finish; launched normally, it returns at once.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < MN; i += gridDim.x * blockDim.x) {
     float sum = 0.0f;
     for (int s = 0; s < splits; ++s) sum += ws[(size_t)s * MN + i];
@@ -131,5 +136,11 @@ inline DecodeArgs decode_args(const void* x, const void* qweight, const void* sc
   a.x_vec = (K % 8 == 0) && aligned16(x);
   return a;
 }
+
+// The streaming fast path of int4ops_w4a16_mma (w4a16_mma_stream.cu): M <= 8 on aligned inputs.
+bool mma_stream_fits(const DecodeArgs& a, int act_dtype, int scale_dtype, int group_size);
+int mma_stream_plan(int N, int K_rows, int sm_count);
+cudaError_t mma_stream_launch(const DecodeArgs& a, int act_dtype, int group_size, int splits, int device,
+                              cudaStream_t stream);
 
 }  // namespace int4ops

@@ -40,9 +40,8 @@
 // (gridDim.y) when the channel tiles alone cannot fill the GPU, writing fp32 partials that
 // splitk_reduce_kernel sums in split order (deterministic, no atomics).
 #include <algorithm>
-#include <type_traits>
 
-#include "common.cuh"
+#include "mma_fragments.cuh"
 
 namespace int4ops {
 namespace {
@@ -59,9 +58,6 @@ struct MmaArgs : DecodeArgs {
   int steps_per_group;  // group_size / 32, or every step for one group per channel
   bool g_vec;  // N % 8 == 0 and scales/zeros aligned: vector loads of a lane's 8 scales/zeros
 };
-
-template <typename P> __device__ __forceinline__ P as_pair(uint32_t v) { return *reinterpret_cast<P*>(&v); }
-template <typename P> __device__ __forceinline__ uint32_t as_u32(P v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 // Per-channel constants of the unpacking for zero point z (see the header comment).
 template <typename T> struct Bias {
@@ -94,20 +90,6 @@ __device__ __forceinline__ void unpack8<__nv_bfloat16>(uint32_t w, Bias<__nv_bfl
 #pragma unroll
   for (int j = 0; j < 4; ++j)
     p[j] = as_u32(__hsub2(as_pair<__nv_bfloat162>(((w >> (4 * j)) & 0x000F000Fu) | 0x43004300u), bias));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
 }
 
 // cp.async: 16 bytes global -> shared without passing through registers, so a warp can keep
@@ -182,14 +164,6 @@ __device__ __forceinline__ void decode_group(const GroupRaw& r, int scale_dtype,
     else scale[c] = __uint_as_float(r.sraw[c]);
     bias[c] = make_bias<T>((float)((r.zraw[c / 4] >> (8 * (c % 4))) & 0xFFu));
   }
-}
-
-// B fragments from the x pairs u = {x0,x1}, {x2,x3}, {x4,x5}, {x6,x7} (see load_b).
-__device__ __forceinline__ void permute_b(const uint32_t (&u)[4], uint32_t (&b)[4]) {
-  b[0] = __byte_perm(u[0], u[2], 0x5410);  // {x0, x4}
-  b[1] = __byte_perm(u[0], u[2], 0x7632);  // {x1, x5}
-  b[2] = __byte_perm(u[1], u[3], 0x5410);  // {x2, x6}
-  b[3] = __byte_perm(u[1], u[3], 0x7632);  // {x3, x7}
 }
 
 // B fragments of one step for x row m: {x0,x4}, {x1,x5} (MMA 0) and {x2,x6}, {x3,x7} (MMA 1)
@@ -389,6 +363,11 @@ using namespace int4ops;
 extern "C" int int4ops_w4a16_mma_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes) {
   if (workspace_bytes) *workspace_bytes = 0;
   if (M < 1 || N < 1 || K_rows < 1) return 1;
+  if (M <= 8 && N % 8 == 0) {  // the shapes the streaming kernel takes (if the pointers are aligned too)
+    const int splits = mma_stream_plan(N, K_rows, sm_count);
+    if (workspace_bytes && splits > 1) *workspace_bytes = (size_t)splits * M * N * sizeof(float);
+    return splits;
+  }
   const int col_tiles = (N + kBN - 1) / kBN;
   const int steps = (K_rows + kStepRows - 1) / kStepRows;
   // Enough blocks to fill the GPU, each warp with at least kStages steps (fewer and the split-K
@@ -426,14 +405,21 @@ extern "C" int int4ops_w4a16_mma(const void* x, const void* qweight, const void*
   if (guard.err != cudaSuccess)
     return set_error(guard.err, "%s: cudaSetDevice(%d): %s", prefix, device, cudaGetErrorString(guard.err));
 
-  MmaArgs a{decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype)};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const DecodeArgs d = decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype);
+  if (mma_stream_fits(d, act_dtype, scale_dtype, group_size)) {
+    cudaError_t err = mma_stream_launch(d, act_dtype, group_size, splits, device, s);
+    if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
+    return 0;
+  }
+
+  MmaArgs a{d};
   const int steps = (K_rows + kStepRows - 1) / kStepRows;
   a.steps_per_group = group_size >= K_rows * 8 ? steps : group_size / (kStepRows * 8);
   a.steps_per_split = (steps + splits - 1) / splits;
   splits = (steps + a.steps_per_split - 1) / a.steps_per_split;  // no empty split
   a.g_vec = (N % 8 == 0) && aligned16(scales) && (!zeros || (reinterpret_cast<uintptr_t>(zeros) & 7u) == 0);
 
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err = act_dtype == INT4OPS_F16 ? launch<__half>(a, splits, s) : launch<__nv_bfloat16>(a, splits, s);
   if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
   return 0;

@@ -184,7 +184,10 @@ def _weight(n, k, group_size, sym, scale_dtype, seed=0):
 
 
 # (N, K): odd N/K, padded groups; K % 8 != 0 (scalar x path, padding tail); tiny per-channel K.
-SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72), (130, 172), (64, 100), (5, 8), (9, 20)]
+# N % 8 == 0 and K % 8 == 0 take the streaming decode kernel at M <= 8 (w4a16_mma_stream.cu):
+# (256, 4096) its plain case; (200, 1000) a last column tile of 8 channels (lanes past N) and a
+# K tail (K % 32 == 8); (8, 520) a single 8-channel tile and a per-channel K_pad of 65 rows.
+SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72), (130, 172), (64, 100), (5, 8), (9, 20), (200, 1000), (8, 520)]
 
 
 @pytest.mark.gpu

@@ -17,7 +17,11 @@ log = logging.getLogger("memcheck_cuda")
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
-    for n, k, gs, sym in [(3, 72, 32, False), (129, 200, 64, True), (256, 1000, 128, False), (67, 300, -1, False)]:
+    # N % 8 == 0 and K % 8 == 0 run the streaming mma kernel at M <= 8: (256, 1000) with a K tail,
+    # (200, 1000) and (8, 520) with lanes past N; the others run the general mma kernel.
+    shapes = [(3, 72, 32, False), (129, 200, 64, True), (256, 1000, 128, False), (67, 300, -1, False),
+              (200, 1000, 32, True), (8, 520, -1, False)]
+    for n, k, gs, sym in shapes:
         w = quantize_rtn(torch.randn(n, k, device="cuda") * 0.05, group_size=gs, sym=sym)
         # mma decode at M <= 16, the scalar decode kernel at M <= 8, dequantize + cuBLAS above.
         for m, decode in ((1, "mma"), (3, "mma"), (9, "mma"), (16, "mma"), (17, "mma"), (1, "gemv"), (8, "gemv")):
