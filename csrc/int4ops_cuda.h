@@ -44,7 +44,10 @@ INT4OPS_API int int4ops_w4a16_gemv(const void* x, const void* qweight, const voi
 #define INT4OPS_MMA_MAX_M 16
 
 // Tensor-core decode (csrc/w4a16_mma.cu): same contract as int4ops_w4a16_gemv_plan /
-// int4ops_w4a16_gemv, for 1 <= M <= INT4OPS_MMA_MAX_M. Needs sm_80 or newer.
+// int4ops_w4a16_gemv, for 1 <= M <= INT4OPS_MMA_MAX_M. Needs sm_80 or newer. At M <= 8 with
+// N % 8 == 0, K % 8 == 0, 16-byte aligned x/qweight/scales and fp16/bf16 scales it runs the
+// streaming kernel (csrc/w4a16_mma_stream.cu), whose split-K reduce is launched with
+// programmatic dependent launch on sm_90+ unless the environment sets INT4OPS_PDL=0.
 INT4OPS_API int int4ops_w4a16_mma_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes);
 INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void* scales, const void* zeros,
                                   void* out, void* workspace, int M, int N, int K, int K_rows, int group_size,

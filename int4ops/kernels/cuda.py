@@ -309,8 +309,9 @@ def _sm_count(index: int) -> int:
 def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, out=None) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` in x.dtype (fp16/bf16) with the CUDA library.
 
-    M <= MMA_MAX_M: the tensor-core decode kernel (``INT4OPS_CUDA_DECODE=gemv``: the scalar
-    one, M <= GEMV_MAX_M); fp32 accumulation, split-K. Larger M: dequantize to
+    M <= MMA_MAX_M: the tensor-core decode kernel (its streaming fast path at M <= 8 on
+    aligned inputs; ``INT4OPS_CUDA_DECODE=gemv``: the scalar one, M <= GEMV_MAX_M); fp32
+    accumulation, split-K. Larger M: dequantize to
     x.dtype (in column chunks of at most DEQUANT_CHUNK_ELEMS) and multiply with cuBLAS.
     ``out``, if given, must be a contiguous [M, N] tensor of x's dtype and device.
     """
