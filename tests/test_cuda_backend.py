@@ -287,6 +287,34 @@ def test_cuda_graph_capture(m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("graph", [False, True])
+def test_pdl_reduce_same_bits(dtype, graph, monkeypatch):
+    """The streaming kernel's split-K reduce, launched with PDL on sm_90+ (INT4OPS_PDL=0: plain
+    launch), sums the partials in the same order either way: the bits must match."""
+    _need_lib()
+    n, k, gs = 4096, 4096, 128  # 64 column tiles: several splits on any GPU with >= 32 SMs
+    w = _weight(n, k, gs, False, dtype)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    outs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("INT4OPS_PDL", pdl)
+        if not graph:
+            outs.append(cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs))
+            continue
+        cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)  # warm up outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        outs.append(y.clone())
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], w4a16_matmul_reference(x.float(), w)) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_errors_name_kernel_and_shapes():
     _need_lib()
     lib = cuda._lib()
