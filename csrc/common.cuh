@@ -100,6 +100,24 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict
     out[i] = from_float<T>(sum);
   }
 }
+
+// Launch splitk_reduce_kernel over the [splits, MN] partials of `ws` into `out`. `pdl`: launch it
+// early with programmatic dependent launch (sm_90+ only; the kernel before it must have called
+// griddepcontrol.launch_dependents), else a plain launch.
+template <typename T>
+cudaError_t launch_splitk_reduce(const float* ws, T* out, int MN, int splits, bool pdl, cudaStream_t stream) {
+  const int blocks = (MN + 255) / 256;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks < 4096 ? blocks : 4096);
+  cfg.blockDim = dim3(256);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, splitk_reduce_kernel<T>, ws, out, MN, splits);
+}
 }  // namespace
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -138,9 +156,11 @@ inline DecodeArgs decode_args(const void* x, const void* qweight, const void* sc
 }
 
 // The streaming fast path of int4ops_w4a16_mma (w4a16_mma_stream.cu): M <= 8 on aligned inputs.
-bool mma_stream_fits(const DecodeArgs& a, int act_dtype, int scale_dtype, int group_size);
+// The launch takes the caller's split plan: steps (32 k) per split and per group, and `splits`
+// already trimmed so that no split is empty.
+bool mma_stream_fits(const DecodeArgs& a, int scale_dtype);
 int mma_stream_plan(int N, int K_rows, int sm_count);
-cudaError_t mma_stream_launch(const DecodeArgs& a, int act_dtype, int group_size, int splits, int device,
-                              cudaStream_t stream);
+cudaError_t mma_stream_launch(const DecodeArgs& a, int act_dtype, int steps_per_split, int steps_per_group, int splits,
+                              int device, cudaStream_t stream);
 
 }  // namespace int4ops

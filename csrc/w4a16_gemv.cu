@@ -165,10 +165,7 @@ cudaError_t launch_m(const GemvArgs& a, int splits, cudaStream_t stream) {
   w4a16_gemv_kernel<T, M><<<grid, kThreads, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int MN = M * a.N;
-  const int blocks = min((MN + 255) / 256, 4096);
-  splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(a.workspace, static_cast<T*>(a.out), MN, splits);
-  return cudaGetLastError();
+  return launch_splitk_reduce<T>(a.workspace, static_cast<T*>(a.out), M * a.N, splits, false, stream);
 }
 
 template <typename T>

@@ -349,9 +349,7 @@ cudaError_t launch_mt(const MmaArgs& a, int splits, cudaStream_t stream) {
   w4a16_mma_kernel<T, MT><<<grid, kThreads, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int MN = a.M * a.N;
-  splitk_reduce_kernel<T><<<min((MN + 255) / 256, 4096), 256, 0, stream>>>(a.workspace, static_cast<T*>(a.out), MN, splits);
-  return cudaGetLastError();
+  return launch_splitk_reduce<T>(a.workspace, static_cast<T*>(a.out), a.M * a.N, splits, false, stream);
 }
 
 template <typename T>
@@ -409,22 +407,20 @@ extern "C" int int4ops_w4a16_mma(const void* x, const void* qweight, const void*
   if (guard.err != cudaSuccess)
     return set_error(guard.err, "%s: cudaSetDevice(%d): %s", prefix, device, cudaGetErrorString(guard.err));
 
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const DecodeArgs d = decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype);
-  if (mma_stream_fits(d, act_dtype, scale_dtype, group_size)) {
-    cudaError_t err = mma_stream_launch(d, act_dtype, group_size, splits, device, s);
-    if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
-    return 0;
-  }
-
-  MmaArgs a{d};
+  MmaArgs a{decode_args(x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, scale_dtype)};
   const int steps = (K_rows + kStepRows - 1) / kStepRows;
   a.steps_per_group = group_size >= K_rows * 8 ? steps : group_size / (kStepRows * 8);
   a.steps_per_split = (steps + splits - 1) / splits;
   splits = (steps + a.steps_per_split - 1) / a.steps_per_split;  // no empty split
   a.g_vec = (N % 8 == 0) && aligned16(scales) && (!zeros || (reinterpret_cast<uintptr_t>(zeros) & 7u) == 0);
 
-  cudaError_t err = act_dtype == INT4OPS_F16 ? launch<__half>(a, splits, s) : launch<__nv_bfloat16>(a, splits, s);
+  // Both kernels step 32 k at a time, so they share this split plan.
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t err;
+  if (mma_stream_fits(a, scale_dtype))
+    err = mma_stream_launch(a, act_dtype, a.steps_per_split, a.steps_per_group, splits, device, s);
+  else
+    err = act_dtype == INT4OPS_F16 ? launch<__half>(a, splits, s) : launch<__nv_bfloat16>(a, splits, s);
   if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
   return 0;
 }

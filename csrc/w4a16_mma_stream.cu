@@ -248,12 +248,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) w4a16_mma_stream_kerne
 
 }  // namespace
 
-bool mma_stream_fits(const DecodeArgs& a, int act_dtype, int scale_dtype, int group_size) {
+bool mma_stream_fits(const DecodeArgs& a, int scale_dtype) {
+  // check_decode_args has already required fp16/bf16 activations and a group size that is a
+  // multiple of 32 or one group per channel.
   const bool aligned8 = !a.zeros || (reinterpret_cast<uintptr_t>(a.zeros) & 7u) == 0;
   return a.M <= 8 && a.N % 8 == 0 && a.K % 8 == 0 && aligned16(a.x) && aligned16(a.qweight) && aligned16(a.scales) &&
-         aligned8 && (scale_dtype == INT4OPS_F16 || scale_dtype == INT4OPS_BF16) &&
-         (act_dtype == INT4OPS_F16 || act_dtype == INT4OPS_BF16) &&
-         (group_size % 32 == 0 || group_size >= a.K_rows * 8);
+         aligned8 && (scale_dtype == INT4OPS_F16 || scale_dtype == INT4OPS_BF16);
 }
 
 int mma_stream_plan(int N, int K_rows, int sm_count) {
@@ -283,29 +283,11 @@ static bool use_pdl(int device) {
   return cc_major[device] >= 9 && !(env && strcmp(env, "0") == 0);
 }
 
-template <typename T>
-static cudaError_t launch_reduce(const DecodeArgs& d, int splits, bool pdl, cudaStream_t stream) {
-  const int MN = d.M * d.N;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(std::min((MN + 255) / 256, 4096));
-  cfg.blockDim = dim3(256);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, splitk_reduce_kernel<T>, static_cast<const float*>(d.workspace), static_cast<T*>(d.out), MN,
-                            splits);
-}
-
-cudaError_t mma_stream_launch(const DecodeArgs& d, int act_dtype, int group_size, int splits, int device,
-                              cudaStream_t stream) {
+cudaError_t mma_stream_launch(const DecodeArgs& d, int act_dtype, int steps_per_split, int steps_per_group, int splits,
+                              int device, cudaStream_t stream) {
   StreamArgs a{d};
-  const int steps = (d.K_rows + 3) / 4;
-  a.steps_per_group = group_size >= d.K_rows * 8 ? steps : group_size / 32;
-  a.steps_per_split = (steps + splits - 1) / splits;
-  splits = (steps + a.steps_per_split - 1) / a.steps_per_split;
+  a.steps_per_split = steps_per_split;
+  a.steps_per_group = steps_per_group;
   const dim3 grid((d.N + kBN - 1) / kBN, splits);
   if (act_dtype == INT4OPS_F16)
     w4a16_mma_stream_kernel<__half><<<grid, kThreads, 0, stream>>>(a);
@@ -314,8 +296,10 @@ cudaError_t mma_stream_launch(const DecodeArgs& d, int act_dtype, int group_size
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const bool pdl = use_pdl(device);
-  return act_dtype == INT4OPS_F16 ? launch_reduce<__half>(d, splits, pdl, stream)
-                                  : launch_reduce<__nv_bfloat16>(d, splits, pdl, stream);
+  const int MN = d.M * d.N;
+  return act_dtype == INT4OPS_F16
+             ? launch_splitk_reduce<__half>(d.workspace, static_cast<__half*>(d.out), MN, splits, pdl, stream)
+             : launch_splitk_reduce<__nv_bfloat16>(d.workspace, static_cast<__nv_bfloat16*>(d.out), MN, splits, pdl, stream);
 }
 
 }  // namespace int4ops
