@@ -1,6 +1,8 @@
 // Library-level C functions: last-error message, build info, device probe.
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "common.cuh"
 
@@ -42,6 +44,11 @@ int check_decode_args(char (&prefix)[256], const char* kernel, int max_m, const 
 }
 
 const void* gemv_probe_kernel();  // w4a16_gemv.cu
+#ifdef INT4OPS_HAS_SM90A
+cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* scales, const void* zeros, void* out, int M,
+                             int N, int K, int K_rows, int group_size, int act_dtype, int scale_dtype, int tile_tokens,
+                             int sm_count, cudaStream_t stream);  // w4a16_gemm_sm90.cu
+#endif
 
 }  // namespace int4ops
 
@@ -78,5 +85,60 @@ extern "C" int int4ops_cuda_probe(int device) {
     return set_error(err, "kernels cannot run on device %d (sm_%d%d; library built for %s): %s", device, major, minor,
                      INT4OPS_ARCHS, cudaGetErrorString(err));
   }
+  return 0;
+}
+
+// Whether the sm_90 GEMM can run on `device`: 0 and a message if not.
+static int gemm_sm90_check_device(const char* prefix, int device) {
+#ifndef INT4OPS_HAS_SM90A
+  (void)device;
+  return set_error(INT4OPS_ERR_ARGS, "%s: the library was built without sm_90a code (archs %s)", prefix, INT4OPS_ARCHS);
+#else
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return set_error(err, "%s: device %d: %s", prefix, device, cudaGetErrorString(err));
+  if (major != 9 || minor != 0)
+    return set_error(INT4OPS_ERR_ARGS, "%s: needs an sm_90 GPU (H100/H200), device %d is sm_%d%d", prefix, device, major,
+                     minor);
+  return 0;
+#endif
+}
+
+extern "C" int int4ops_w4a16_gemm_sm90_supported(int device) {
+  return gemm_sm90_check_device("w4a16_gemm_sm90", device) == 0 ? 1 : 0;
+}
+
+extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const void* scales, const void* zeros,
+                                       void* out, int M, int N, int K, int K_rows, int group_size, int act_dtype,
+                                       int scale_dtype, int device, void* stream) {
+  char prefix[256];
+  if (int rc = check_decode_args(prefix, "w4a16_gemm_sm90", INT_MAX, x, qweight, scales, out, nullptr, M, N, K, K_rows,
+                                 group_size, act_dtype, scale_dtype, 1))
+    return rc;
+  // The copies are TMA tensor copies: 16-byte aligned bases and row strides.
+  if (N % 8 != 0 || K % 8 != 0 || (zeros && N % 16 != 0))
+    return set_error(INT4OPS_ERR_ARGS, "%s: needs N %% 8 == 0 (N %% 16 == 0 with zero points) and K %% 8 == 0", prefix);
+  if (!aligned16(x) || !aligned16(qweight) || !aligned16(scales) || (zeros && !aligned16(zeros)) ||
+      (reinterpret_cast<uintptr_t>(out) & 3u))
+    return set_error(INT4OPS_ERR_ARGS, "%s: needs 16-byte aligned x, qweight, scales, zeros and 4-byte aligned out",
+                     prefix);
+  if (int rc = gemm_sm90_check_device(prefix, device)) return rc;
+#ifdef INT4OPS_HAS_SM90A
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess)
+    return set_error(guard.err, "%s: cudaSetDevice(%d): %s", prefix, device, cudaGetErrorString(guard.err));
+  int sm_count = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
+  // 256-token tiles (fewer x bytes per MMA) unless they leave SMs idle that 128-token ones
+  // would fill. INT4OPS_GEMM_TILE_TOKENS=128|256 forces one (tests, benchmarks).
+  const long tiles256 = (long)((M + 255) / 256) * ((N + 127) / 128);
+  int tile_tokens = tiles256 >= sm_count ? 256 : 128;
+  if (const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS")) tile_tokens = atoi(env) == 256 ? 256 : 128;
+  err = gemm_sm90_launch(x, qweight, scales, zeros, out, M, N, K, K_rows, group_size, act_dtype, scale_dtype,
+                         tile_tokens, sm_count, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
+#endif
   return 0;
 }

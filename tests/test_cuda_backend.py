@@ -25,6 +25,8 @@ EXPORTS = (
     "int4ops_w4a16_gemv_plan",
     "int4ops_w4a16_mma",
     "int4ops_w4a16_mma_plan",
+    "int4ops_w4a16_gemm_sm90",
+    "int4ops_w4a16_gemm_sm90_supported",
     "int4ops_dequantize",
     "int4ops_cuda_last_error",
     "int4ops_cuda_archs",
@@ -191,7 +193,7 @@ SHAPES = [(129, 200), (256, 4096), (4100, 1000), (3, 72), (130, 172), (64, 100),
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 300])  # mma decode up to 16, then dequant + cuBLAS
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 300])  # mma decode up to 16, then the large-M path
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sym", [False, True])
@@ -265,10 +267,10 @@ def test_noncontiguous_x_and_side_stream():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8, 16, 64])
+@pytest.mark.parametrize("m", [1, 8, 16, 64, 1024])
 def test_cuda_graph_capture(m):
     _need_lib()
-    n, k, gs = 4096, 1024, 128  # M = 1..16 use split-K (workspace); 64 dequantizes
+    n, k, gs = 4096, 1024, 128  # M = 1..16 use split-K (workspace); 64 and 1024 the large-M path
     w = _weight(n, k, gs, False, torch.float16)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
@@ -365,3 +367,92 @@ def test_large_m_dequantizes_in_column_chunks(monkeypatch):
     x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 256, 64, out=poisoned((40, 300), torch.bfloat16, "cuda"))
     assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the fused large-M GEMM of sm_90 (csrc/w4a16_gemm_sm90.cu)
+
+
+def _need_sm90_gemm():
+    _need_lib()
+    if not cuda._gemm_sm90_supported(cuda._lib(), torch.cuda.current_device()):
+        pytest.skip(f"no sm_90 GEMM here: {cuda._lib().last_error()}")
+
+
+# (N, K): (16, 64) one partial block; (528, 1000) a partial channel tile and a K tail inside a
+# stage; (1040, 776) groups that end mid-stage; (384, 4104) a K_pad past K; (8, 72) N = 8, which
+# only fits without zero points (the zero-point copy needs N % 16 == 0).
+SM90_SHAPES = [(16, 64), (256, 4096), (528, 1000), (1040, 776), (384, 4104), (8, 72)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 100, 255, 1000])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("n,k", SM90_SHAPES)
+@pytest.mark.parametrize("tile", ["128", "256"])
+def test_sm90_gemm_matches_reference(m, group_size, dtype, sym, n, k, tile, monkeypatch):
+    _need_sm90_gemm()
+    monkeypatch.setenv("INT4OPS_GEMM_TILE_TOKENS", tile)  # both kernel instantiations at every M
+    w = _weight(n, k, group_size, sym, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = poisoned((m, n), dtype, "cuda")
+    expected = "dequant" if (not sym and n % 16) else "fused"
+    assert cuda._large_m_path(cuda._lib(), x, w.qweight, w.scales, w.zeros, out) == expected
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=out)
+    err = rel_err(y, w4a16_matmul_reference(x.float(), w))
+    assert err <= TOL[dtype], f"rel_err {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sm90_gemm_scale_dtypes(x_dtype, scale_dtype):
+    _need_sm90_gemm()
+    w = _weight(272, 384, 64, False, scale_dtype, seed=3)
+    x = torch.randn(333, 384, device="cuda", dtype=x_dtype)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 384, 64, out=poisoned((333, 272), x_dtype, "cuda"))
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[x_dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sm90_gemm_last_wave_split(dtype):
+    """6144 channels at M = 1000: 192 tiles of 256 tokens on a 132-SM GPU, so the channel tiles of
+    the half-empty last wave run as a second launch of 128-token tiles (gemm_sm90_launch)."""
+    _need_sm90_gemm()
+    w = _weight(6144, 512, 128, False, dtype)
+    x = torch.randn(1000, 512, device="cuda", dtype=dtype)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128, out=poisoned((1000, 6144), dtype, "cuda"))
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_large_m_path_choice(monkeypatch):
+    _need_sm90_gemm()
+    lib = cuda._lib()
+    w = _weight(256, 512, 128, False, torch.float16)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
+    out = torch.empty(64, 256, device="cuda", dtype=torch.float16)
+    assert cuda._large_m_path(lib, x, w.qweight, w.scales, w.zeros, out) == "fused"
+    monkeypatch.setenv(cuda.ENV_LARGE_M, "dequant")
+    assert cuda._large_m_path(lib, x, w.qweight, w.scales, w.zeros, out) == "dequant"
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128)
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[torch.float16]
+    monkeypatch.setenv(cuda.ENV_LARGE_M, "bogus")
+    with pytest.raises(ValueError, match="INT4OPS_CUDA_LARGE_M"):
+        cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128)
+    monkeypatch.delenv(cuda.ENV_LARGE_M)
+    # A 2-byte-offset x cannot be a TMA source: the dequantize path takes it.
+    x_odd = torch.randn(64 * 512 + 1, device="cuda", dtype=torch.float16)[1:].view(64, 512)
+    assert cuda._large_m_path(lib, x_odd, w.qweight, w.scales, w.zeros, out) == "dequant"
+    y = cuda.w4a16_matmul(x_odd, w.qweight, w.scales, w.zeros, 512, 128)
+    assert rel_err(y, w4a16_matmul_reference(x_odd.float(), w)) <= TOL[torch.float16]
+    # Called directly with what it cannot take, the C side says which requirement failed.
+    rc = lib.handle.int4ops_w4a16_gemm_sm90(
+        x_odd.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(),
+        64, 256, 512, w.qweight.shape[0], 128, 0, 0, x.device.index, torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    with pytest.raises(cuda.CudaLibraryError, match=r"w4a16_gemm_sm90 failed for M=64, N=256, K=512.*16-byte aligned"):
+        cuda._check(lib, rc)

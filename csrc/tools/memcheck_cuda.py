@@ -21,10 +21,14 @@ def main():
     # (200, 1000) and (8, 520) with lanes past N; the others run the general mma kernel.
     shapes = [(3, 72, 32, False), (129, 200, 64, True), (256, 1000, 128, False), (67, 300, -1, False),
               (200, 1000, 32, True), (8, 520, -1, False)]
+    # On an H100/H200, M > 16 runs the sm_90 GEMM where N % 16 == 0 (or N % 8 == 0 without zero
+    # points) and K % 8 == 0: (256, 1000), (8, 520) sym, (528, 776) (partial tiles, a K tail);
+    # M = 300 takes the 256-token tile, 17 the 128-token one.
+    shapes += [(528, 776, 64, False)]
     for n, k, gs, sym in shapes:
         w = quantize_rtn(torch.randn(n, k, device="cuda") * 0.05, group_size=gs, sym=sym)
-        # mma decode at M <= 16, the scalar decode kernel at M <= 8, dequantize + cuBLAS above.
-        for m, decode in ((1, "mma"), (3, "mma"), (9, "mma"), (16, "mma"), (17, "mma"), (1, "gemv"), (8, "gemv")):
+        # mma decode at M <= 16, the scalar decode kernel at M <= 8, the large-M path above.
+        for m, decode in ((1, "mma"), (3, "mma"), (9, "mma"), (16, "mma"), (17, "mma"), (300, "mma"), (1, "gemv"), (8, "gemv")):
             os.environ[cuda.ENV_DECODE] = decode
             for dtype in (torch.float16, torch.bfloat16):
                 # Exact-size allocations so out-of-bounds accesses hit unallocated memory.

@@ -46,6 +46,10 @@ GEMV_MAX_M = 8
 MMA_MAX_M = 16
 # Which decode kernel runs at M <= its limit: "mma" (tensor cores, default) or "gemv".
 ENV_DECODE = "INT4OPS_CUDA_DECODE"
+# Which path runs above MMA_MAX_M: "fused" (default) = the wgmma GEMM of csrc/w4a16_gemm_sm90.cu
+# where it can run (sm_90 GPU, N % 8 == 0, K % 8 == 0, aligned x), else dequantize + cuBLAS;
+# "dequant" = always dequantize + cuBLAS.
+ENV_LARGE_M = "INT4OPS_CUDA_LARGE_M"
 # The dequantize + cuBLAS path dequantizes at most this many weight elements at a time
 # (512 MiB of fp16), so a huge layer does not need a full dense copy at once. Not smaller:
 # chunks that fit in L2 (8-16 Mi elements) were measured slower on an H100 (cuBLAS on
@@ -104,6 +108,10 @@ class _Lib:
             h.int4ops_w4a16_mma_plan.restype = c_int
             h.int4ops_w4a16_mma.argtypes = [c_void_p] * 6 + [c_int] * 9 + [c_void_p]
             h.int4ops_w4a16_mma.restype = c_int
+            h.int4ops_w4a16_gemm_sm90.argtypes = [c_void_p] * 5 + [c_int] * 8 + [c_void_p]
+            h.int4ops_w4a16_gemm_sm90.restype = c_int
+            h.int4ops_w4a16_gemm_sm90_supported.argtypes = [c_int]
+            h.int4ops_w4a16_gemm_sm90_supported.restype = c_int
             h.int4ops_dequantize.argtypes = [c_void_p] * 4 + [c_int] * 8 + [c_void_p]
             h.int4ops_dequantize.restype = c_int
             h.int4ops_cuda_last_error.restype = ctypes.c_char_p
@@ -302,6 +310,31 @@ def _dequantize_into(lib, wt, qweight, scales, zeros, in_features, group_size, n
 
 
 @functools.lru_cache(maxsize=None)
+def _gemm_sm90_supported(lib: _Lib, index: int) -> bool:
+    ok = bool(lib.handle.int4ops_w4a16_gemm_sm90_supported(index))
+    log.debug("int4ops cuda: sm_90 GEMM on cuda:%d: %s", index, "yes" if ok else lib.last_error())
+    return ok
+
+
+def _large_m_path(lib: _Lib, x, qweight, scales, zeros, out) -> str:
+    """"fused" or "dequant" for this call (see ENV_LARGE_M). The fused GEMM copies its operands
+    with TMA, which wants 16-byte aligned bases and row strides (int4ops_cuda.h)."""
+    mode = os.environ.get(ENV_LARGE_M, "fused")
+    if mode not in ("fused", "dequant"):
+        raise ValueError(f"{ENV_LARGE_M} must be 'fused' or 'dequant', got {mode!r}")
+    n = qweight.shape[1]
+    fits = (
+        n % (8 if zeros is None else 16) == 0
+        and x.shape[1] % 8 == 0
+        and all(t.data_ptr() % 16 == 0 for t in (x, qweight, scales) + (() if zeros is None else (zeros,)))
+        and out.data_ptr() % 4 == 0
+    )
+    if mode == "fused" and fits and _gemm_sm90_supported(lib, x.device.index):
+        return "fused"
+    return "dequant"
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -311,8 +344,10 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
 
     M <= MMA_MAX_M: the tensor-core decode kernel (its streaming fast path at M <= 8 on
     aligned inputs; ``INT4OPS_CUDA_DECODE=gemv``: the scalar one, M <= GEMV_MAX_M); fp32
-    accumulation, split-K. Larger M: dequantize to
-    x.dtype (in column chunks of at most DEQUANT_CHUNK_ELEMS) and multiply with cuBLAS.
+    accumulation, split-K. Larger M: on an H100/H200, the fused wgmma GEMM (csrc/w4a16_gemm_sm90.cu;
+    W rounded to x.dtype in registers, fp32 accumulation); elsewhere, or with
+    ``INT4OPS_CUDA_LARGE_M=dequant``, dequantize to x.dtype (in column chunks of at most
+    DEQUANT_CHUNK_ELEMS) and multiply with cuBLAS.
     ``out``, if given, must be a contiguous [M, N] tensor of x's dtype and device.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -340,8 +375,28 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
     if decode not in ("mma", "gemv"):
         raise ValueError(f"{ENV_DECODE} must be 'mma' or 'gemv', got {decode!r}")
     max_m = MMA_MAX_M if decode == "mma" else GEMV_MAX_M
+    if m > max_m and _large_m_path(lib, x, qweight, scales, zeros, out) == "fused":
+        with torch.cuda.device(x.device):
+            rc = lib.handle.int4ops_w4a16_gemm_sm90(
+                x.data_ptr(),
+                qweight.data_ptr(),
+                scales.data_ptr(),
+                None if zeros is None else zeros.data_ptr(),
+                out.data_ptr(),
+                m,
+                n,
+                k,
+                qweight.shape[0],
+                effective_group_size(in_features, group_size),
+                _DTYPE_CODES[x.dtype],
+                _DTYPE_CODES[scales.dtype],
+                x.device.index,
+                torch.cuda.current_stream(x.device).cuda_stream,
+            )
+        _check(lib, rc)
+        return out
     if m > max_m:
-        # Large M: cuBLAS at full tensor-core rate on a dense copy of the weight; the dequantize
+        # Large M without the fused GEMM: cuBLAS at full tensor-core rate on a dense copy of the weight; the dequantize
         # costs one read of the packed weight and one write of the dense one, which the M rows
         # of matmul amortize. Chunked over N, into one reused buffer, and cuBLAS writes each
         # chunk's columns of `out` in place (leading dimension N, no copy of the output slice),

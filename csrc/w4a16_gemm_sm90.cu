@@ -1,0 +1,475 @@
+// Fused W4A16 GEMM for large M on sm_90 (H100/H200): out[M, N] = x[M, K] @ W^T with wgmma.
+//
+// Why a fused kernel: at M >= ~128 the product is compute-bound, and dequantize + cuBLAS pays a
+// dense write (and re-read) of the whole weight in 16 bits on top of cuBLAS's time: ~25% at
+// M = 1024 (notes/cuda_backend.md). Here the weight goes from its 4-bit words straight into the
+// tensor cores' operand registers, and the GEMM runs on wgmma (Hopper's warpgroup MMA, the only
+// path to full tensor-core rate on sm_90: mma.sync tops out near 2/3 of it).
+//
+// Operands are swapped: the kernel computes out^T = W x^T. W is wgmma's A operand, which may
+// come from registers (the "RS" form), so the codes are unpacked in registers and never stored
+// in 16 bits anywhere; x is the B operand, read by wgmma from shared memory as TMA put it there.
+//
+// Block: 3 warpgroups on 128 channels x BT tokens (BT = 256, or 128 for small M).
+//   * Warpgroup 0 is the producer: one thread issues TMA tensor copies of each K stage (64 k)
+//     into a ring of kStages slots: x[BT tokens, 64 k] with the 128-byte swizzle wgmma reads
+//     (make_desc), W[8 packed rows, 128 channels] (4 KB), and the scale and zero-point rows the
+//     stage needs. The copy engine zero-fills past the tensors' edges (tokens past M, k past K,
+//     rows past K_pad, channels past N), so nothing checks bounds. Per slot, a "full" mbarrier
+//     counts the bytes in and an "empty" one the consumer warps done with it.
+//   * Warpgroups 1 and 2 compute channels 0..63 and 64..127 of the block: per stage they unpack
+//     their W words into wgmma A fragments and issue 4 m64nBTk16 wgmmas, waiting only for the
+//     previous stage's (wgmma.wait_group 1), so the tensor cores run stage s while the warps
+//     unpack stage s + 1. The A registers of the group in flight stay untouched: the main loop
+//     alternates two register sets (unrolled by 2).
+//   * setmaxnreg moves registers from the producer (40) to the consumers (232).
+// No block-wide barrier after setup. Every step, measured on an H100 (notes, session 7): the
+// first version with cp.async and __syncthreads ran at 0.35-0.55x of cuBLAS; TMA, the producer
+// warpgroup and integer-only scale handling brought it to 0.9-1.05x at M >= 1024.
+//
+// A fragment (the layout of mma.sync's A, per warp 16 rows = 16 channels): lane 4g + q of
+// consumer warp w (0..7) owns A rows g and g + 8, which are the adjacent channels
+// c = 16w + 2g and c + 1 of the block (one 8-byte shared load reads both words; the epilogue
+// stores both outputs of a token with one 4-byte store). For k16 step j it needs k 2q, 2q+1 and
+// 2q+8, 2q+9 of those channels: byte q of packed rows 2j and 2j+1. No k permutation, so x needs
+// none either, and TMA copies it as it is. Per byte (two codes c, c'): a PRMT and a LOP3 make
+// {magic + c, magic + c'}, exact (1024 + q in fp16, 128 + q in bf16); one HFMA2/HADD2 takes off
+// magic + z exactly; one HMUL2 by {s, s} is the only rounding (dequant_pair). So W is rounded to
+// x's dtype once, as dequantize + cuBLAS does; the sum is fp32 in the MMA.
+//
+// Requirements (int4ops_w4a16_gemm_sm90 checks them and the Python side falls back to
+// dequantize + cuBLAS otherwise): an sm_90 GPU and a library built with sm_90a code, N % 8 == 0
+// (N % 16 == 0 with zero points: TMA row strides are multiples of 16 bytes), K % 8 == 0,
+// 16-byte aligned x, qweight, scales and zeros, fp16/bf16/fp32 scales, group size a multiple of
+// 32 or one group per channel.
+#include <cuda.h>  // CUtensorMap (types only; the driver function is looked up at run time)
+#include <cudaTypedefs.h>
+
+#include "mma_fragments.cuh"
+#include "wgmma_sm90.cuh"
+
+namespace int4ops {
+namespace {
+
+constexpr int kConsumers = 256;               // two warpgroups of math
+constexpr int kThreads = 128 + kConsumers;    // + a producer warpgroup, one lane of which issues the copies
+// Registers per thread after setmaxnreg: the producer gives most of its share to the consumers
+// (128 x 40 + 256 x 232 <= 64K); without it each thread could have 168, and the BT = 256 consumer
+// needs ~200.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+constexpr int kBN = 128;                      // channels per block (64 per warpgroup)
+constexpr int kBK = 64;                       // k per stage: one 128-byte swizzle row of x per token
+constexpr int kWRows = kBK / 8;               // packed rows per stage
+constexpr int kWRowBytes = kBN * 4;           // 512
+constexpr int kWStageBytes = kWRows * kWRowBytes;  // 4 KB
+constexpr int kSStageBytes = 2 * kBN * 4;           // 2 scale rows of 128 channels (fp32 at most)
+constexpr int kZStageBytes = 2 * kBN;               // 2 zero-point rows
+
+template <int BT> struct Tile {
+  static constexpr int kStages = BT == 256 ? 5 : 8;  // ~190 KB / ~170 KB of shared memory
+  static constexpr int kXStageBytes = BT * 128;
+  static constexpr int kSmemBytes =
+      kStages * (kXStageBytes + kWStageBytes + kSStageBytes + kZStageBytes + 16) + 1024;  // + mbarriers, alignment slack
+  static constexpr int kAcc = BT / 2;  // fp32 accumulators per thread
+};
+
+struct GemmArgs {
+  const void* x;
+  const uint32_t* qweight;
+  const void* scales;
+  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
+  void* out;
+  int M, N, K, K_rows, group_size, groups, scale_dtype;
+  int ld;  // row stride (elements) of qweight, scales, zeros and out; N is the channels of this launch
+  bool channels_fastest;  // block order: see launch()
+};
+
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // {1024, 1024}
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return as_u32(__floats2half2_rn(lo, hi)); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // {128, 128}
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
+};
+
+// Which group each k32 half-stage falls in, walked along K without divisions (a k32 never
+// straddles a group; past K_pad it stays on the last group).
+struct GroupWalker {
+  int g = 0, left;
+  __device__ __forceinline__ explicit GroupWalker(int group_size) : left(group_size) {}
+  __device__ __forceinline__ int next(const GemmArgs& a) {
+    const int cur = g;
+    left -= 32;
+    if (left <= 0 && g + 1 < a.groups) left += a.group_size, ++g;
+    return cur;
+  }
+};
+
+// Per channel and group: the pair {-(magic + z)} and the scale pair {s, s} the unpacking uses.
+struct ChannelConsts {
+  uint32_t bias, scale;
+};
+
+// The scales and zero points of the two channels for the two k32 halves of a stage, read from
+// the stage's copy of scale rows [g0, g0 + 2), as the unpacking's constants. Integer math on the
+// 16-bit patterns, because this runs every stage (it was ~100 of ~240 instructions in float):
+//   bias: -(magic + z) is magic's pattern plus z ulps (ulp 1 at 1024 in fp16, at 128 in bf16);
+//         fp16's second code is read at 16x, its bias -(64 + z) is 0xD400 plus 16 z ulps.
+//   scale: a scale stored in x's dtype is duplicated into both halves with one PRMT; other scale
+//         dtypes (fp32, or bf16 scales with fp16 x) go through float.
+template <typename T>
+__device__ __forceinline__ void stage_consts(const GemmArgs& a, const uint8_t* s_stage, const uint8_t* z_stage, int ch,
+                                             int row1, ChannelConsts (&c)[2][2]) {
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+  constexpr int kNative = kF16 ? INT4OPS_F16 : INT4OPS_BF16;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = h ? row1 : 0;
+    uint32_t sc[2];
+    if (a.scale_dtype == kNative) {
+      const uint32_t v = *reinterpret_cast<const uint32_t*>(s_stage + (row * kBN + ch) * 2);
+      sc[0] = __byte_perm(v, 0, 0x1010);
+      sc[1] = __byte_perm(v, 0, 0x3232);
+    } else {
+      float2 f;
+      if (a.scale_dtype == INT4OPS_F32)
+        f = *reinterpret_cast<const float2*>(s_stage + (row * kBN + ch) * 4);
+      else  // the other 16-bit dtype
+        f = kF16 ? __bfloat1622float2(as_pair<__nv_bfloat162>(*reinterpret_cast<const uint32_t*>(s_stage + (row * kBN + ch) * 2)))
+                 : __half22float2(as_pair<__half2>(*reinterpret_cast<const uint32_t*>(s_stage + (row * kBN + ch) * 2)));
+      sc[0] = Pair<T>::pack(f.x, f.x);
+      sc[1] = Pair<T>::pack(f.y, f.y);
+    }
+    const uint32_t z = a.zeros ? *reinterpret_cast<const unsigned short*>(z_stage + row * kBN + ch) : 0x0808u;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t zi = (z >> (8 * i)) & 0xFF;
+      c[h][i] = {kF16 ? 0xD400E400u + zi * 0x00100001u : 0xC300C300u + zi * 0x00010001u, sc[i]};
+    }
+  }
+}
+
+// Two codes of byte q of word w (see the header): {(c - z) s, (c' - z) s} in x's dtype.
+//   bf16: SHF + PRMT put c at bits 0..3 and c' at bits 16..19; one LOP3 adds the magic 128; HADD2
+//         takes off 128 + z; HMUL2 scales.
+//   fp16 saves the shift: PRMT copies byte q to bytes 0 and 2, so c' sits at bits 20..23 and the
+//         LOP3 makes 1024 + 16 c' (still exact); one HFMA2 with {1, 1/16} and {-(1024 + z), -(64 + z)}
+//         gives both c - z exactly.
+template <typename T> __device__ __forceinline__ uint32_t dequant_pair(uint32_t w, uint32_t q, const ChannelConsts& cc);
+template <>
+__device__ __forceinline__ uint32_t dequant_pair<__half>(uint32_t w, uint32_t q, const ChannelConsts& cc) {
+  const uint32_t v = __byte_perm(w, 0, q | (q << 8));
+  uint32_t t;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(t) : "r"(v), "r"(0x00F0000Fu), "r"(Pair<__half>::kMagic));  // (v & m) | magic
+  const __half2 d = __hfma2(as_pair<__half2>(t), as_pair<__half2>(0x2C003C00u), as_pair<__half2>(cc.bias));  // {1, 1/16}
+  return as_u32(__hmul2(d, as_pair<__half2>(cc.scale)));
+}
+template <>
+__device__ __forceinline__ uint32_t dequant_pair<__nv_bfloat16>(uint32_t w, uint32_t q, const ChannelConsts& cc) {
+  const uint32_t v = __byte_perm(w, w >> 4, q | ((q + 4) << 8));
+  uint32_t t;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(t) : "r"(v), "r"(0x000F000Fu), "r"(Pair<__nv_bfloat16>::kMagic));
+  const __nv_bfloat162 d = __hadd2(as_pair<__nv_bfloat162>(t), as_pair<__nv_bfloat162>(cc.bias));
+  return as_u32(__hmul2(d, as_pair<__nv_bfloat162>(cc.scale)));
+}
+
+// Shared-memory matrix descriptor of a K-major B tile with the 128-byte swizzle: rows of 128
+// bytes, 8-row (1024-byte) swizzle atoms stacked along N (stride 1024), start 1024-aligned plus
+// 32 bytes per k16 step inside the row.
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr) {
+  uint64_t d = 0;
+  d |= (uint64_t)((smem_addr & 0x3FFFF) >> 4);  // start address
+  d |= (uint64_t)1 << 16;                       // leading-dimension byte offset (unused by K-major swizzled)
+  d |= (uint64_t)(1024 >> 4) << 32;             // stride byte offset: next 8 rows
+  d |= (uint64_t)1 << 62;                       // 128-byte swizzle
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keep the compiler from moving accumulator reads/writes across the asynchronous MMAs.
+template <int N> __device__ __forceinline__ void fence_acc(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// --- TMA (the tensor memory accelerator) and mbarriers -------------------------------------
+// One thread copies a whole stage with two bulk tensor copies; the copy engine zero-fills what
+// lies outside the tensors (tokens past M, k past K, packed rows past K_pad, channels past N),
+// so nothing here checks bounds. Copies signal an mbarrier per stage with their byte count.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+template <typename T, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    w4a16_gemm_sm90_kernel(const GemmArgs a, const __grid_constant__ CUtensorMap map_x,
+                           const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_s,
+                           const __grid_constant__ CUtensorMap map_z) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using TT = Tile<BT>;
+  constexpr int S = TT::kStages;
+  using Mma = WgmmaRS<BT, std::is_same<T, __nv_bfloat16>::value>;
+  extern __shared__ uint8_t smem_raw[];
+  // The swizzle pattern is defined on 1024-byte-aligned addresses.
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t pad = (1024 - (smem_base & 1023)) & 1023;
+  const uint32_t xs = smem_base + pad;                  // x stages (shared addresses)
+  const uint32_t ws = xs + S * TT::kXStageBytes;        // W stages
+  const uint32_t ss = ws + S * kWStageBytes;            // scale rows
+  const uint32_t zs = ss + S * kSStageBytes;            // zero-point rows
+  const uint32_t full = zs + S * kZStageBytes;          // per slot: its copies have landed
+  const uint32_t empty = full + 8 * S;                  // per slot: every consumer warp is done with it
+  const uint8_t* ws_ptr = smem_raw + pad + S * TT::kXStageBytes;
+  const uint8_t* ss_ptr = ws_ptr + S * kWStageBytes;
+  const uint8_t* zs_ptr = ss_ptr + S * kSStageBytes;
+
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) - 4;  // consumer warp 0..7 (the producer's are < 0)
+  const int g = lane >> 2, q = lane & 3;
+  const int tok0 = (a.channels_fastest ? blockIdx.y : blockIdx.x) * BT;
+  const int n0 = (a.channels_fastest ? blockIdx.x : blockIdx.y) * kBN;
+  const int ch = 64 * (warp >> 2) + 16 * (warp & 3) + 2 * g;  // A rows g, g+8 = channels ch, ch + 1 of the block
+  const int n = n0 + ch;
+  const int k_tiles = (a.K_rows + kWRows - 1) / kWRows;
+
+  float acc[TT::kAcc];
+#pragma unroll
+  for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full + 8 * s, 1);                   // the producer's arrive (+ the copies' bytes)
+      mbar_init(empty + 8 * s, kConsumers / 32);    // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();  // the barriers are initialized before anyone uses them; no block-wide sync after this
+
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    // Producer warp, one lane: stage kt goes to slot kt % S once the consumers have released the
+    // slot's previous stage (kt - S): x[tok0 .. +BT, 64kt .. +64], W[8kt .. +8, n0 .. +128], and
+    // the scale / zero-point rows [g, g + 2) of channels n0 .. +128, g the group of the stage's
+    // first k (its second k32 half is in group g or g + 1).
+    if (threadIdx.x == 0) {
+      const int s_bytes = a.scale_dtype == INT4OPS_F32 ? 4 : 2;
+      const uint32_t bytes = TT::kXStageBytes + kWStageBytes + 2 * kBN * s_bytes + (a.zeros ? kZStageBytes : 0);
+      GroupWalker groups(a.group_size);
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int slot = kt % S;
+        if (kt >= S) mbar_wait(empty + 8 * slot, (kt / S - 1) & 1);
+        const uint32_t bar = full + 8 * slot;
+        const int g = groups.next(a);
+        groups.next(a);
+        mbar_expect_tx(bar, bytes);
+        tma_load_2d(xs + slot * TT::kXStageBytes, &map_x, kt * kBK, tok0, bar);
+        tma_load_2d(ws + slot * kWStageBytes, &map_w, n0, kt * kWRows, bar);
+        tma_load_2d(ss + slot * kSStageBytes, &map_s, n0, g, bar);
+        if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, g, bar);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+
+  uint32_t regs0[4][4], regs1[4][4];
+  GroupWalker use_groups(a.group_size);
+  // One stage: wait for its copies, start the copy of stage kt + S - 2, unpack, issue 4 wgmmas.
+  auto stage = [&](int kt, uint32_t(&A)[4][4]) {
+    const int g0 = use_groups.next(a), row1 = use_groups.next(a) - g0;  // scale row of each k32 half
+    const int slot = kt % S;
+    mbar_wait(full + 8 * slot, (kt / S) & 1);  // stage kt has landed
+    ChannelConsts c[2][2];
+    stage_consts<T>(a, ss_ptr + slot * kSStageBytes, zs_ptr + slot * kZStageBytes, ch, row1, c);
+    const uint8_t* wrow = ws_ptr + slot * kWStageBytes + ch * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint2 w0 = *reinterpret_cast<const uint2*>(wrow + (2 * j) * kWRowBytes);      // k 16j .. 16j+7
+      const uint2 w1 = *reinterpret_cast<const uint2*>(wrow + (2 * j + 1) * kWRowBytes);  // k 16j+8 .. 16j+15
+      const int h = j >> 1;
+      A[j][0] = dequant_pair<T>(w0.x, q, c[h][0]);  // row g,   k 2q, 2q+1
+      A[j][1] = dequant_pair<T>(w0.y, q, c[h][1]);  // row g+8
+      A[j][2] = dequant_pair<T>(w1.x, q, c[h][0]);  // row g,   k 2q+8, 2q+9
+      A[j][3] = dequant_pair<T>(w1.y, q, c[h][1]);  // row g+8
+    }
+    // Every input of the 4 wgmmas is computed before the first: an instruction writing one of
+    // them in between makes ptxas serialize the wgmmas (warning C7513).
+    uint64_t desc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // + 32 bytes per k16 step (the address field counts 16 B)
+      desc[j] = make_desc(xs + slot * TT::kXStageBytes) + 2 * j;
+      asm volatile("" : "+l"(desc[j]));
+    }
+    wgmma_fence();
+    fence_acc(acc);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) Mma::mma(acc, A[j], desc[j]);
+    wgmma_commit();
+    fence_acc(acc);
+    wgmma_wait<1>();  // stage kt - 1's group is done: its A registers and its slot are free
+    if (kt > 0 && lane == 0) mbar_arrive(empty + 8 * ((kt - 1) % S));
+  };
+
+  // No condition between the two halves: ptxas must see that regs0 is only rewritten after the
+  // wait that retires the group reading it.
+  int kt = 0;
+  for (; kt + 1 < k_tiles; kt += 2) {
+    stage(kt, regs0);
+    stage(kt + 1, regs1);
+  }
+  if (kt < k_tiles) stage(kt, regs0);
+  wgmma_wait<0>();
+  fence_acc(acc);
+
+  // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
+  if (n < a.N) {
+    T* out = static_cast<T*>(a.out);
+#pragma unroll
+    for (int c = 0; c < BT / 8; ++c) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tok0 + 8 * c + 2 * q + e;
+        if (tok < a.M)
+          *reinterpret_cast<uint32_t*>(out + (size_t)tok * a.ld + n) = Pair<T>::pack(acc[4 * c + e], acc[4 * c + 2 + e]);
+      }
+    }
+  }
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver, looked up once through the runtime (the library does
+// not link libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A 2-D row-major tensor [rows, cols] (row stride ld elements), copied in boxes of box_rows x box_cols.
+bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const void* ptr, int rows, int cols, int ld,
+              int box_rows, int box_cols, CUtensorMapSwizzle swizzle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)ld * elem_bytes};
+  const cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, type, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int BT> cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
+  CUtensorMap map_x, map_w, map_s, map_z = {};
+  const bool s32 = a.scale_dtype == INT4OPS_F32;
+  if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
+                CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !make_map(&map_s, s32 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16, s32 ? 4 : 2, a.scales,
+                a.groups, a.N, a.ld, 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      (a.zeros && !make_map(&map_z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
+                            CU_TENSOR_MAP_SWIZZLE_NONE)))
+    return cudaErrorInvalidValue;
+  auto kernel = w4a16_gemm_sm90_kernel<T, BT>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  // Blocks that run together should share the operand that does not fit in L2: with x larger
+  // than W (4M > N), consecutive blocks take consecutive channel tiles of the same tokens, so a
+  // wave reads a slab of x once and re-reads W (4096x4096, M = 4096: x is 32 MB, W 8 MB);
+  // otherwise consecutive token tiles of the same channels.
+  const int token_tiles = (a.M + BT - 1) / BT, ch_tiles = (a.N + kBN - 1) / kBN;
+  const dim3 grid = a.channels_fastest ? dim3(ch_tiles, token_tiles) : dim3(token_tiles, ch_tiles);
+  kernel<<<grid, kThreads, Tile<BT>::kSmemBytes, stream>>>(a, map_x, map_w, map_s, map_z);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, cudaStream_t stream) {
+  return tile_tokens == 256 ? launch<T, 256>(a, stream) : launch<T, 128>(a, stream);
+}
+
+// The channels [n0, n0 + N) of the GEMM: every pointer moves to channel n0, strides stay.
+GemmArgs channel_slice(GemmArgs a, int n0, int N) {
+  const int s_bytes = a.scale_dtype == INT4OPS_F32 ? 4 : 2;
+  a.qweight += n0;
+  a.scales = static_cast<const char*>(a.scales) + (size_t)n0 * s_bytes;
+  if (a.zeros) a.zeros += n0;
+  a.out = static_cast<char*>(a.out) + (size_t)n0 * 2;
+  a.N = N;
+  return a;
+}
+
+cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* scales, const void* zeros, void* out, int M,
+                             int N, int K, int K_rows, int group_size, int act_dtype, int scale_dtype, int tile_tokens,
+                             int sm_count, cudaStream_t stream) {
+  GemmArgs a;
+  a.x = x;
+  a.qweight = static_cast<const uint32_t*>(qweight);
+  a.scales = scales;
+  a.zeros = static_cast<const uint8_t*>(zeros);
+  a.out = out;
+  a.M = M;
+  a.N = N;
+  a.ld = N;
+  a.K = K;
+  a.K_rows = K_rows;
+  a.group_size = group_size;
+  a.groups = (K_rows * 8 + group_size - 1) / group_size;
+  a.scale_dtype = scale_dtype;
+  a.channels_fastest = 4LL * M > N;
+  auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
+
+  // Wave quantization: one block per SM, so a last wave that is less than half full costs a whole
+  // wave for little work (6144 channels at M = 1024: 192 tiles on 132 SMs). Then the channel
+  // tiles of that last wave run as a second launch of 128-token tiles: twice the blocks, each
+  // with half the work, which fit in one wave. (Measured: notes/cuda_backend.md, session 7.)
+  const int token_tiles = (M + 255) / 256, ch_tiles = (N + kBN - 1) / kBN;
+  const int tiles = token_tiles * ch_tiles, rem = tiles % sm_count;
+  if (tile_tokens == 256 && tiles > sm_count && rem > 0 && 2 * rem <= sm_count) {
+    const int c1 = (tiles - rem) / token_tiles;  // channel tiles of the full waves
+    const int c2 = ch_tiles - c1;
+    if (c1 > 0 && c2 > 0 && c2 * ((M + 127) / 128) <= sm_count) {
+      cudaError_t err = run(channel_slice(a, 0, c1 * kBN), 256, stream);
+      if (err != cudaSuccess) return err;
+      return run(channel_slice(a, c1 * kBN, N - c1 * kBN), 128, stream);
+    }
+  }
+  return run(a, tile_tokens, stream);
+}
+
+}  // namespace int4ops
