@@ -23,19 +23,21 @@ def main():
               (200, 1000, 32, True), (8, 520, -1, False)]
     # On an H100/H200, M > 16 runs the sm_90 GEMM where N % 16 == 0 (or N % 8 == 0 without zero
     # points) and K % 8 == 0: (256, 1000), (8, 520) sym, (528, 776) (partial tiles, a K tail);
-    # M = 300 takes the 256-token tile, 17 the 128-token one.
+    # M = 17 and 300 run with 128-token tiles; 300 also with 256-token ones (INT4OPS_GEMM_TILE_TOKENS).
     shapes += [(528, 776, 64, False)]
     for n, k, gs, sym in shapes:
         w = quantize_rtn(torch.randn(n, k, device="cuda") * 0.05, group_size=gs, sym=sym)
         # mma decode at M <= 16, the scalar decode kernel at M <= 8, the large-M path above.
-        for m, decode in ((1, "mma"), (3, "mma"), (9, "mma"), (16, "mma"), (17, "mma"), (300, "mma"), (1, "gemv"), (8, "gemv")):
+        for m, decode, tile in ((1, "mma", ""), (3, "mma", ""), (9, "mma", ""), (16, "mma", ""), (17, "mma", ""),
+                                (300, "mma", "128"), (300, "mma", "256"), (1, "gemv", ""), (8, "gemv", "")):
             os.environ[cuda.ENV_DECODE] = decode
+            os.environ["INT4OPS_GEMM_TILE_TOKENS"] = tile
             for dtype in (torch.float16, torch.bfloat16):
                 # Exact-size allocations so out-of-bounds accesses hit unallocated memory.
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
                 err = ((y.float() - w4a16_matmul_reference(x.float(), w)).norm() / w4a16_matmul_reference(x.float(), w).norm()).item()
-                log.info("N=%d K=%d gs=%d sym=%s M=%d %s %s rel_err=%.2e", n, k, gs, sym, m, decode, dtype, err)
+                log.info("N=%d K=%d gs=%d sym=%s M=%d %s%s %s rel_err=%.2e", n, k, gs, sym, m, decode, tile, dtype, err)
         cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
     torch.cuda.synchronize()
     log.info("done")
