@@ -40,8 +40,8 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 # Largest M of the scalar decode kernel (INT4OPS_GEMV_MAX_M) and of the tensor-core decode
-# kernel (INT4OPS_MMA_MAX_M) in csrc/int4ops_cuda.h. Above the latter, w4a16_matmul
-# dequantizes and calls cuBLAS. See notes/cuda_backend.md for the crossover.
+# kernel (INT4OPS_MMA_MAX_M) in csrc/int4ops_cuda.h. Above the latter, w4a16_matmul runs the
+# large-M path (ENV_LARGE_M). See notes/cuda_backend.md for the crossovers.
 GEMV_MAX_M = 8
 MMA_MAX_M = 16
 # Which decode kernel runs at M <= its limit: "mma" (tensor cores, default) or "gemv".
