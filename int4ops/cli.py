@@ -147,6 +147,9 @@ def cmd_info(args) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"triton backend usable on {dev}: {triton_w4a16.available(dev)}")
     print(f"cuda backend usable: {cuda.available()}" + ("" if cuda.available() else f" ({cuda.why_unavailable()})"))
+    if cuda.available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda backend above M = 16 on cuda:{i}: {cuda.large_m_kernel(torch.device('cuda', i))}")
     return 0
 
 

@@ -375,8 +375,9 @@ def test_large_m_dequantizes_in_column_chunks(monkeypatch):
 
 def _need_sm90_gemm():
     _need_lib()
-    if not cuda._gemm_sm90_supported(cuda._lib(), torch.cuda.current_device()):
-        pytest.skip(f"no sm_90 GEMM here: {cuda._lib().last_error()}")
+    why = cuda._gemm_sm90_why_not(cuda._lib(), torch.cuda.current_device())
+    if why:
+        pytest.skip(f"no sm_90 GEMM here: {why}")
 
 
 # (N, K): (16, 64) one partial block; (528, 1000) a partial channel tile and a K tail inside a
@@ -436,6 +437,7 @@ def test_large_m_path_choice(monkeypatch):
     x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
     out = torch.empty(64, 256, device="cuda", dtype=torch.float16)
     assert cuda._large_m_path(lib, x, w.qweight, w.scales, w.zeros, out) == "fused"
+    assert cuda.large_m_kernel(x.device).startswith("fused sm_90 GEMM")
     monkeypatch.setenv(cuda.ENV_LARGE_M, "dequant")
     assert cuda._large_m_path(lib, x, w.qweight, w.scales, w.zeros, out) == "dequant"
     y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128)

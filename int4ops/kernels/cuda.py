@@ -310,10 +310,23 @@ def _dequantize_into(lib, wt, qweight, scales, zeros, in_features, group_size, n
 
 
 @functools.lru_cache(maxsize=None)
-def _gemm_sm90_supported(lib: _Lib, index: int) -> bool:
-    ok = bool(lib.handle.int4ops_w4a16_gemm_sm90_supported(index))
-    log.debug("int4ops cuda: sm_90 GEMM on cuda:%d: %s", index, "yes" if ok else lib.last_error())
-    return ok
+def _gemm_sm90_why_not(lib: _Lib, index: int) -> str:
+    """"" if the sm_90 GEMM can run on cuda:index, else why not (cached per device)."""
+    why = "" if lib.handle.int4ops_w4a16_gemm_sm90_supported(index) else lib.last_error()
+    log.debug("int4ops cuda: sm_90 GEMM on cuda:%d: %s", index, why or "yes")
+    return why
+
+
+def large_m_kernel(device=None) -> str:
+    """What this backend runs above M = 16 on ``device`` (for ``int4ops info``)."""
+    dev = _device_of(device) or torch.device("cuda")
+    why = _cached_why(dev)
+    if why:
+        return f"none ({why})"
+    not_fused = _gemm_sm90_why_not(_lib(), dev.index if dev.index is not None else torch.cuda.current_device())
+    if not_fused:
+        return f"dequantize + cuBLAS ({not_fused})"
+    return "fused sm_90 GEMM (dequantize + cuBLAS for shapes it does not take)"
 
 
 def _large_m_path(lib: _Lib, x, qweight, scales, zeros, out) -> str:
@@ -329,7 +342,7 @@ def _large_m_path(lib: _Lib, x, qweight, scales, zeros, out) -> str:
         and all(t.data_ptr() % 16 == 0 for t in (x, qweight, scales) + (() if zeros is None else (zeros,)))
         and out.data_ptr() % 4 == 0
     )
-    if mode == "fused" and fits and _gemm_sm90_supported(lib, x.device.index):
+    if mode == "fused" and fits and not _gemm_sm90_why_not(lib, x.device.index):
         return "fused"
     return "dequant"
 
@@ -447,6 +460,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
 
 __all__ = [
     "available",
+    "large_m_kernel",
     "why_unavailable",
     "library_info",
     "w4a16_matmul",
