@@ -120,17 +120,6 @@ cudaError_t launch_splitk_reduce(const float* ws, T* out, int MN, int splits, bo
 }
 }  // namespace
 
-// cp.async: 16 bytes global -> shared without passing through registers, so a warp can keep
-// several steps of loads in flight while it does the math of the current one (w4a16_mma.cu,
-// w4a16_gemm_sm90.cu). src-size 0 zero-fills (rows past K_pad, rows of x past M) without
-// touching memory.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // What both decode kernels (w4a16_gemv.cu, w4a16_mma.cu) take; each extends it with its split plan.

@@ -58,9 +58,9 @@ INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void
 // dequantize + cuBLAS would). Arguments as for int4ops_w4a16_mma, without the split-K ones.
 // Needs a library built with sm_90a code (any build whose arch list has 90), an sm_90 GPU,
 // N % 8 == 0 (N % 16 == 0 with zero points), K % 8 == 0, 16-byte aligned x, qweight, scales and
-// zeros, 4-byte aligned out; otherwise it returns
-// INT4OPS_ERR_ARGS with a message saying which. int4ops_w4a16_gemm_sm90_supported(device): 1 if
-// this library and that GPU can run it, else 0 (and the message says why).
+// zeros, 4-byte aligned out; otherwise it returns INT4OPS_ERR_ARGS with a message saying which.
+// int4ops_w4a16_gemm_sm90_supported(device): 1 if this library and that GPU can run it, else 0
+// (and int4ops_cuda_last_error says why).
 INT4OPS_API int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const void* scales, const void* zeros,
                                         void* out, int M, int N, int K, int K_rows, int group_size, int act_dtype,
                                         int scale_dtype, int device, void* stream);

@@ -86,12 +86,10 @@ struct GemmArgs {
 
 template <typename T> struct Pair;
 template <> struct Pair<__half> {
-  using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // {1024, 1024}
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return as_u32(__floats2half2_rn(lo, hi)); }
 };
 template <> struct Pair<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // {128, 128}
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
 };
@@ -117,7 +115,7 @@ struct ChannelConsts {
 // The scales and zero points of the two channels for the two k32 halves of a stage, read from
 // the stage's copy of scale rows [g0, g0 + 2), as the unpacking's constants. Integer math on the
 // 16-bit patterns, because this runs every stage (it was ~100 of ~240 instructions in float):
-//   bias: -(magic + z) is magic's pattern plus z ulps (ulp 1 at 1024 in fp16, at 128 in bf16);
+//   bias: -(magic + z) is -magic's pattern plus z ulps (ulp 1 at 1024 in fp16, at 128 in bf16);
 //         fp16's second code is read at 16x, its bias -(64 + z) is 0xD400 plus 16 z ulps.
 //   scale: a scale stored in x's dtype is duplicated into both halves with one PRMT; other scale
 //         dtypes (fp32, or bf16 scales with fp16 x) go through float.
@@ -201,9 +199,9 @@ template <int N> __device__ __forceinline__ void fence_acc(float (&d)[N]) {
 }
 
 // --- TMA (the tensor memory accelerator) and mbarriers -------------------------------------
-// One thread copies a whole stage with two bulk tensor copies; the copy engine zero-fills what
+// One thread copies a whole stage with 3-4 bulk tensor copies; the copy engine zero-fills what
 // lies outside the tensors (tokens past M, k past K, packed rows past K_pad, channels past N),
-// so nothing here checks bounds. Copies signal an mbarrier per stage with their byte count.
+// so nothing here checks bounds. The copies signal the stage's mbarrier with their byte count.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
@@ -260,10 +258,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n = n0 + ch;
   const int k_tiles = (a.K_rows + kWRows - 1) / kWRows;
 
-  float acc[TT::kAcc];
-#pragma unroll
-  for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
-
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -276,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    // Producer warp, one lane: stage kt goes to slot kt % S once the consumers have released the
+    // Producer warpgroup, one thread: stage kt goes to slot kt % S once the consumers have released the
     // slot's previous stage (kt - S): x[tok0 .. +BT, 64kt .. +64], W[8kt .. +8, n0 .. +128], and
     // the scale / zero-point rows [g, g + 2) of channels n0 .. +128, g the group of the stage's
     // first k (its second k32 half is in group g or g + 1).
@@ -288,22 +282,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int slot = kt % S;
         if (kt >= S) mbar_wait(empty + 8 * slot, (kt / S - 1) & 1);
         const uint32_t bar = full + 8 * slot;
-        const int g = groups.next(a);
+        const int grp = groups.next(a);
         groups.next(a);
         mbar_expect_tx(bar, bytes);
         tma_load_2d(xs + slot * TT::kXStageBytes, &map_x, kt * kBK, tok0, bar);
         tma_load_2d(ws + slot * kWStageBytes, &map_w, n0, kt * kWRows, bar);
-        tma_load_2d(ss + slot * kSStageBytes, &map_s, n0, g, bar);
-        if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, g, bar);
+        tma_load_2d(ss + slot * kSStageBytes, &map_s, n0, grp, bar);
+        if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, grp, bar);
       }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
+  float acc[TT::kAcc];
+#pragma unroll
+  for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
   uint32_t regs0[4][4], regs1[4][4];
   GroupWalker use_groups(a.group_size);
-  // One stage: wait for its copies, start the copy of stage kt + S - 2, unpack, issue 4 wgmmas.
+  // One stage: wait for its copies, unpack, issue 4 wgmmas, release the previous stage's slot.
   auto stage = [&](int kt, uint32_t(&A)[4][4]) {
     const int g0 = use_groups.next(a), row1 = use_groups.next(a) - g0;  // scale row of each k32 half
     const int slot = kt % S;

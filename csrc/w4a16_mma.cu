@@ -96,6 +96,16 @@ __device__ __forceinline__ void unpack8<__nv_bfloat16>(uint32_t w, Bias<__nv_bfl
     p[j] = as_u32(__hsub2(as_pair<__nv_bfloat162>(((w >> (4 * j)) & 0x000F000Fu) | 0x43004300u), bias));
 }
 
+// cp.async: 16 bytes global -> shared without passing through registers, so a warp can keep
+// several steps of loads in flight while it does the math of the current one. src-size 0
+// zero-fills (rows past K_pad, rows of x past M) without touching memory.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // The 8 words of this lane's channels n .. n+7 in packed row `row` (0 past K_pad or N).
 __device__ __forceinline__ void load_words(const MmaArgs& a, int row, int n, uint32_t (&w)[8]) {
   if (row < a.K_rows && a.w_vec && n + 7 < a.N) {
