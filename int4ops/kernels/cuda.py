@@ -47,8 +47,8 @@ MMA_MAX_M = 16
 # Which decode kernel runs at M <= its limit: "mma" (tensor cores, default) or "gemv".
 ENV_DECODE = "INT4OPS_CUDA_DECODE"
 # Which path runs above MMA_MAX_M: "fused" (default) = the wgmma GEMM of csrc/w4a16_gemm_sm90.cu
-# where it can run (sm_90 GPU, N % 8 == 0, K % 8 == 0, aligned x), else dequantize + cuBLAS;
-# "dequant" = always dequantize + cuBLAS.
+# where it can run (sm_90 GPU, N % 8 == 0 (16 with zero points), K % 8 == 0, 16-byte aligned
+# tensors), else dequantize + cuBLAS; "dequant" = always dequantize + cuBLAS.
 ENV_LARGE_M = "INT4OPS_CUDA_LARGE_M"
 # The dequantize + cuBLAS path dequantizes at most this many weight elements at a time
 # (512 MiB of fp16), so a huge layer does not need a full dense copy at once. Not smaller:
@@ -409,9 +409,9 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
         _check(lib, rc)
         return out
     if m > max_m:
-        # Large M without the fused GEMM: cuBLAS at full tensor-core rate on a dense copy of the weight; the dequantize
-        # costs one read of the packed weight and one write of the dense one, which the M rows
-        # of matmul amortize. Chunked over N, into one reused buffer, and cuBLAS writes each
+        # Large M without the fused GEMM: cuBLAS at full tensor-core rate on a dense copy of the
+        # weight; the dequantize costs one read of the packed weight and one write of the dense
+        # one, which the M rows of matmul amortize. Chunked over N, into one reused buffer, and cuBLAS writes each
         # chunk's columns of `out` in place (leading dimension N, no copy of the output slice),
         # so the buffer stays bounded at no extra traffic.
         cols = min(n, max(64, DEQUANT_CHUNK_ELEMS // k // 64 * 64))
