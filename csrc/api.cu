@@ -131,11 +131,8 @@ extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const
   int sm_count = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
-  // 256-token tiles (fewer x bytes per MMA) unless they fill at most half the SMs, where twice
-  // as many 128-token tiles still fit in one wave (4096x4096: M = 256 runs 64 blocks, not 32;
-  // M = 1024 keeps its 128 blocks of 256 tokens). INT4OPS_GEMM_TILE_TOKENS=128|256 forces one.
-  const long tiles256 = (long)((M + 255) / 256) * ((N + 127) / 128);
-  int tile_tokens = 2 * tiles256 <= sm_count ? 128 : 256;
+  // The tile size is chosen in gemm_sm90_launch; INT4OPS_GEMM_TILE_TOKENS=128|256 forces one.
+  int tile_tokens = 0;
   const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS");
   if (env && *env) tile_tokens = atoi(env) == 256 ? 256 : 128;
   err = gemm_sm90_launch(x, qweight, scales, zeros, out, M, N, K, K_rows, group_size, act_dtype, scale_dtype,

@@ -29,6 +29,9 @@ inline const char* dtype_name(int code) {
   }
 }
 
+// Bytes per element of a dtype code.
+inline int dtype_bytes(int code) { return code == INT4OPS_F32 ? 4 : 2; }
+
 // Make `device` current for this call and put the previous device back afterwards. The library
 // has its own (static) CUDA runtime; the device and stream handles it gets from torch name the
 // same driver objects, so this only matters when the caller's thread sits on another device.

@@ -111,7 +111,7 @@ extern "C" int int4ops_dequantize(const void* qweight, const void* scales, const
   a.group_size = group_size;
   a.scale_dtype = scale_dtype;
   a.w_vec = (ld % 4 == 0) && aligned16(qweight);
-  const size_t esize = out_dtype == INT4OPS_F32 ? 4 : 2;
+  const size_t esize = dtype_bytes(out_dtype);
   a.out_vec = (N % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % (4 * esize) == 0);
 
   const int threads = 256;

@@ -80,6 +80,7 @@ struct GemmArgs {
   const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
   void* out;
   int M, N, K, K_rows, group_size, groups, scale_dtype;
+  int scale_bytes;  // 2 or 4
   int ld;  // row stride (elements) of qweight, scales, zeros and out; N is the channels of this launch
   bool channels_fastest;  // block order: see launch()
 };
@@ -275,8 +276,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the scale / zero-point rows [g, g + 2) of channels n0 .. +128, g the group of the stage's
     // first k (its second k32 half is in group g or g + 1).
     if (threadIdx.x == 0) {
-      const int s_bytes = a.scale_dtype == INT4OPS_F32 ? 4 : 2;
-      const uint32_t bytes = TT::kXStageBytes + kWStageBytes + 2 * kBN * s_bytes + (a.zeros ? kZStageBytes : 0);
+      const uint32_t bytes =
+          TT::kXStageBytes + kWStageBytes + 2 * kBN * a.scale_bytes + (a.zeros ? kZStageBytes : 0);
       GroupWalker groups(a.group_size);
       for (int kt = 0; kt < k_tiles; ++kt) {
         const int slot = kt % S;
@@ -392,12 +393,11 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
 
 template <typename T, int BT> cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
   CUtensorMap map_x, map_w, map_s, map_z = {};
-  const bool s32 = a.scale_dtype == INT4OPS_F32;
   if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      !make_map(&map_s, s32 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16, s32 ? 4 : 2, a.scales,
-                a.groups, a.N, a.ld, 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !make_map(&map_s, a.scale_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                a.scale_bytes, a.scales, a.groups, a.N, a.ld, 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) ||
       (a.zeros && !make_map(&map_z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return cudaErrorInvalidValue;
@@ -422,15 +422,15 @@ template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_token
 
 // The channels [n0, n0 + N) of the GEMM: every pointer moves to channel n0, strides stay.
 GemmArgs channel_slice(GemmArgs a, int n0, int N) {
-  const int s_bytes = a.scale_dtype == INT4OPS_F32 ? 4 : 2;
   a.qweight += n0;
-  a.scales = static_cast<const char*>(a.scales) + (size_t)n0 * s_bytes;
+  a.scales = static_cast<const char*>(a.scales) + (size_t)n0 * a.scale_bytes;
   if (a.zeros) a.zeros += n0;
   a.out = static_cast<char*>(a.out) + (size_t)n0 * 2;
   a.N = N;
   return a;
 }
 
+// tile_tokens: 128 or 256 to force a tile (INT4OPS_GEMM_TILE_TOKENS), 0 to choose here.
 cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* scales, const void* zeros, void* out, int M,
                              int N, int K, int K_rows, int group_size, int act_dtype, int scale_dtype, int tile_tokens,
                              int sm_count, cudaStream_t stream) {
@@ -448,17 +448,24 @@ cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* sca
   a.group_size = group_size;
   a.groups = (K_rows * 8 + group_size - 1) / group_size;
   a.scale_dtype = scale_dtype;
+  a.scale_bytes = dtype_bytes(scale_dtype);
   a.channels_fastest = 4LL * M > N;
   auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
 
-  // Wave quantization: one block per SM, so a last wave that is less than half full costs a whole
-  // wave for little work (6144 channels at M = 1024: 192 tiles on 132 SMs). Then the channel
-  // tiles of that last wave run as a second launch of 128-token tiles: twice the blocks, each
-  // with half the work, which fit in one wave. (Measured: notes/cuda_backend.md, session 7.)
+  // One block per SM. 256-token tiles (fewer x bytes per MMA) unless they fill at most half the
+  // SMs, where twice as many 128-token tiles still fit in one wave (4096x4096: M = 256 runs 64
+  // blocks, not 32; M = 1024 keeps its 128 blocks of 256 tokens).
   const int token_tiles = (M + 255) / 256, ch_tiles = (N + kBN - 1) / kBN;
-  const int tiles = token_tiles * ch_tiles, rem = tiles % sm_count;
+  const long tiles = (long)token_tiles * ch_tiles;
+  if (tile_tokens == 0) tile_tokens = 2 * tiles <= sm_count ? 128 : 256;
+
+  // Wave quantization: a last wave that is less than half full costs a whole wave for little
+  // work (6144 channels at M = 1024: 192 tiles on 132 SMs). Then the channel tiles of that last
+  // wave run as a second launch of 128-token tiles: twice the blocks, each with half the work,
+  // which fit in one wave. (Measured: notes/cuda_backend.md, session 7.)
+  const int rem = (int)(tiles % sm_count);
   if (tile_tokens == 256 && tiles > sm_count && rem > 0 && 2 * rem <= sm_count) {
-    const int c1 = (tiles - rem) / token_tiles;  // channel tiles of the full waves
+    const int c1 = (int)((tiles - rem) / token_tiles);  // channel tiles of the full waves
     const int c2 = ch_tiles - c1;
     if (c1 > 0 && c2 > 0 && c2 * ((M + 127) / 128) <= sm_count) {
       cudaError_t err = run(channel_slice(a, 0, c1 * kBN), 256, stream);
