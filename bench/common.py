@@ -100,19 +100,15 @@ def copies_for(nbytes_per_copy: int, l2_bytes: int, factor: float = 2.0, cap: in
     return max(1, min(cap, math.ceil(factor * l2_bytes / nbytes_per_copy) + (1 if l2_bytes else 0)))
 
 
-def bench_calls(
-    fns: Sequence[Callable[[], object]],
-    device: torch.device,
-    min_calls: int = 8,
-    reps: int = 20,
-    warmup: int = 2,
-    budget_s: float = 0.5,
-    use_graph: bool = True,
-) -> dict:
-    """Time one call of ``fns`` (each call on its own weight copy), cycled in order.
+def make_replay(
+    fns: Sequence[Callable[[], object]], device: torch.device, min_calls: int = 8, use_graph: bool = True
+) -> tuple[Callable[[], None], str, int]:
+    """One timed unit: ``fns`` called in order (each call on its own weight copy), repeated until
+    at least ``min_calls`` calls, captured in a CUDA graph where possible.
 
-    Returns quantiles of the per-call time in ms, plus ``method`` (cuda-graph, cuda-events
-    or wall-clock). Callers warm the op up once before (Triton autotuning, cuBLAS handles).
+    Returns ``(replay, method, calls)``; method is cuda-graph, cuda-events (capture failed:
+    eager calls) or wall-clock (CPU). Callers warm the op up once before (Triton autotuning,
+    cuBLAS handles).
     """
     rounds = max(1, math.ceil(min_calls / len(fns)))
     calls = len(fns) * rounds
@@ -123,16 +119,7 @@ def bench_calls(
                 f()
 
     if device.type != "cuda":
-        for _ in range(warmup):
-            run_all()
-        times, t_end = [], time.perf_counter() + budget_s
-        while len(times) < reps and (len(times) < 2 or time.perf_counter() < t_end):
-            t0 = time.perf_counter()
-            run_all()
-            times.append((time.perf_counter() - t0) * 1e3 / calls)
-        return {**quantiles(times), "method": "wall-clock", "calls": calls}
-
-    method, replay = "cuda-events", run_all
+        return run_all, "wall-clock", calls
     if use_graph:
         try:
             s = torch.cuda.Stream()
@@ -144,12 +131,26 @@ def bench_calls(
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 run_all()
-            replay, method = g.replay, "cuda-graph"
+            return g.replay, "cuda-graph", calls
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
             log.warning("graph capture failed (%s: %s); timing eager calls", type(e).__name__, str(e)[:200])
             torch.cuda.synchronize()
+    return run_all, "cuda-events", calls
+
+
+def time_replays(replay: Callable[[], None], calls: int, device: torch.device, reps: int, warmup: int = 2,
+                 budget_s: float = 0.5, min_reps: int = 5) -> list[float]:
+    """Per-call times (ms) of up to ``reps`` replays after ``warmup`` untimed ones; stops early
+    once ``budget_s`` is spent and at least ``min_reps`` replays are timed."""
     for _ in range(warmup):
         replay()
+    if device.type != "cuda":
+        times, t_end = [], time.perf_counter() + budget_s
+        while len(times) < reps and (len(times) < min_reps or time.perf_counter() < t_end):
+            t0 = time.perf_counter()
+            replay()
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
+        return times
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -160,11 +161,76 @@ def bench_calls(
         replay()
         ends[i].record()
         done += 1
-        if i >= 4 and time.perf_counter() > t_end:
+        if done >= min_reps and time.perf_counter() > t_end:
             break
     torch.cuda.synchronize()
-    times = [starts[i].elapsed_time(ends[i]) / calls for i in range(done)]
+    return [starts[i].elapsed_time(ends[i]) / calls for i in range(done)]
+
+
+def bench_calls(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    min_calls: int = 8,
+    reps: int = 20,
+    warmup: int = 2,
+    budget_s: float = 0.5,
+    use_graph: bool = True,
+) -> dict:
+    """Time one call of ``fns`` (each call on its own weight copy), cycled in order.
+
+    Returns quantiles of the per-call time in ms, plus ``method`` and ``calls`` (see make_replay).
+    """
+    replay, method, calls = make_replay(fns, device, min_calls, use_graph)
+    times = time_replays(replay, calls, device, reps, warmup, budget_s, min_reps=2 if device.type != "cuda" else 5)
     return {**quantiles(times), "method": method, "calls": calls}
+
+
+def bench_interleaved(units: dict[str, tuple[Callable[[], None], str, int]], device: torch.device, reps: int = 25,
+                      budget_s: float = 0.25, rounds: int = 5, warmup: int = 2) -> dict[str, dict]:
+    """Time several candidates of one point in alternation: ``rounds`` rounds, each timing about
+    reps / rounds replays of every candidate, the order rotated by one each round.
+
+    Why: a Hopper GPU at full tensor load sits at its power limit and its clock drifts by 10%
+    or more with what ran just before (an H100 measured 1350-1530 MHz under sustained GEMMs).
+    Timed one after the other, the candidate measured second inherits the first's heat; in
+    alternation every candidate sees the same mix of states. ``units`` maps a name to
+    ``make_replay``'s result; returns name -> quantiles (as ``bench_calls``), or
+    ``{"error": ...}`` for a candidate whose replay raised.
+    """
+    names = list(units)
+    rounds = max(1, min(rounds, reps))
+    per_round = max(1, math.ceil(reps / rounds))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    for n in names:  # warm-up, also surfaces failures before any timing
+        try:
+            for _ in range(warmup):
+                units[n][0]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            errors[n] = f"{type(e).__name__}: {str(e)[:300]}"
+    live = [n for n in names if n not in errors]
+    for r in range(rounds):
+        for i in range(len(live)):
+            n = live[(i + r) % len(live)]
+            if n in errors:
+                continue
+            replay, _, calls = units[n]
+            try:
+                times[n] += time_replays(replay, calls, device, per_round, warmup=0,
+                                         budget_s=budget_s / rounds, min_reps=1)
+            except Exception as e:  # noqa: BLE001
+                errors[n] = f"{type(e).__name__}: {str(e)[:300]}"
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+    out = {}
+    for n in names:
+        if n in errors:
+            out[n] = {"error": errors[n]}
+        else:
+            out[n] = {**quantiles(times[n]), "method": units[n][1], "calls": units[n][2], "rounds": rounds}
+    return out
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:

@@ -52,6 +52,15 @@ CPU_MS = [1, 4, 16]
 INT4_BACKENDS = ("triton", "cuda", "reference")
 
 
+def fail(point: dict, err, device: torch.device) -> None:
+    """Record a backend that failed at a point (the sweep goes on)."""
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:300]}"
+    log.warning("%s %s M=%d %s failed: %s", point["shape"], point["dtype"], point["m"], point["backend"], text)
+    point.update(ms=None, error=text)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes and M")
@@ -273,24 +282,32 @@ def run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results,
         if "gemlite" in extra:
             cases["gemlite"] = ([lambda lay=lay: lay(x) for lay in extra["gemlite"]], common.point_bytes("int4", m, n, k, gs, sym), "A16W4")
 
+        # Warm up (compiles / autotunes outside the timed graph), check, capture each backend;
+        # then time all of them in alternation (common.bench_interleaved says why).
+        points, units = {}, {}
         for backend, (fns, nbytes, note) in cases.items():
             point = {"shape": name, "n": n, "k": k, "m": m, "dtype": dtype_name(dtype), "group_size": gs, "sym": sym,
                      "backend": backend, "copies": len(fns), "bytes": nbytes, "flops": common.flops(m, n, k), "note": note}
+            points[backend] = point
             try:
-                out = fns[0]()  # warm-up: compiles / autotunes outside the timed graph
+                out = fns[0]()
                 if ref is not None and backend != "cublas":
                     point["rel_err"] = rel_err(out, ref)
                 del out
                 slow = backend in ("dequant+cublas", "reference")  # one pass over the copies is plenty
-                point.update(common.bench_calls(fns, device, min_calls=1 if slow else 8, reps=args.reps,
-                                                budget_s=args.budget, use_graph=not args.no_graph))
+                units[backend] = common.make_replay(fns, device, min_calls=1 if slow else 8, use_graph=not args.no_graph)
             except Exception as e:  # noqa: BLE001
-                log.warning("%s %s M=%d %s failed: %s: %s", name, dtype_name(dtype), m, backend, type(e).__name__, str(e)[:300])
-                point.update(ms=None, error=f"{type(e).__name__}: {str(e)[:300]}")
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                fail(point, e, device)
+        timed = common.bench_interleaved(units, device, reps=args.reps, budget_s=args.budget)
+        for backend, point in points.items():
+            t = timed.get(backend)
+            if t is not None and "error" in t:
+                fail(point, t["error"], device)
+            elif t is not None:
+                point.update(t)
             results.append(point)
             log.debug("%s", point)
+        del units
         del x
     del q_copies, d_copies, extra, W, W_ref
     gc.collect()
@@ -381,7 +398,9 @@ def method_text(args, device, l2) -> str:
     how = "events around eager calls" if args.no_graph else "CUDA events around replays of a captured CUDA graph"
     return (f"{how}; each graph calls the op once per weight copy, with enough copies that their bytes exceed "
             f"2x L2 ({2 * l2 / common.MB:.0f} MB) so weights stream from HBM; per-call time = replay / calls; "
-            f"median and p10/p90 over up to {args.reps} replays (<= {args.budget}s) after warm-up")
+            f"median and p10/p90 over up to {args.reps} replays (<= {args.budget}s) after warm-up; the backends "
+            f"of a point are timed in alternation (5 rounds, order rotated each round), so none inherits "
+            f"another's clock/power state")
 
 
 if __name__ == "__main__":

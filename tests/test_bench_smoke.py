@@ -66,6 +66,26 @@ def test_bench_calls_wall_clock_on_cpu():
     assert len(calls) == 6 * (1 + t["reps"])
 
 
+def test_bench_interleaved_alternates_and_reports_failures():
+    cpu = torch.device("cpu")
+    order = []
+    units = {name: common.make_replay([lambda name=name: order.append(name)], cpu, min_calls=2) for name in "abc"}
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    units["bad"] = (broken, "wall-clock", 1)
+    t = common.bench_interleaved(units, cpu, reps=6, budget_s=10.0, rounds=3, warmup=1)
+    assert t["bad"] == {"error": "RuntimeError: kernel exploded"}
+    for name in "abc":
+        assert t[name]["reps"] == 6 and t[name]["calls"] == 2 and t[name]["rounds"] == 3
+    timed = order[6:]  # after the warm-up replays (one per unit, 2 calls each)
+    rounds = [timed[i:i + 12] for i in range(0, 36, 12)]  # 3 units x 2 replays x 2 calls per round
+    firsts = [r[0] for r in rounds]
+    assert firsts == ["a", "b", "c"]  # the order rotates, so no candidate always runs first
+    assert sorted(set(rounds[0])) == ["a", "b", "c"]
+
+
 def test_table_and_slug():
     md = common.table(["a", "b"], [[1, "x"], [22, "yy"]], markdown=True)
     assert md.splitlines()[0] == "| a | b |" and md.splitlines()[2] == "| 1 | x |"
