@@ -45,9 +45,11 @@ int check_decode_args(char (&prefix)[256], const char* kernel, int max_m, const 
 
 const void* gemv_probe_kernel();  // w4a16_gemv.cu
 #ifdef INT4OPS_HAS_SM90A
-cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* scales, const void* zeros, void* out, int M,
-                             int N, int K, int K_rows, int group_size, int act_dtype, int scale_dtype, int tile_tokens,
-                             int sm_count, cudaStream_t stream);  // w4a16_gemm_sm90.cu
+// w4a16_gemm_sm90.cu
+GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int sm_count);
+cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qweight, const void* scales,
+                             const void* zeros, void* out, void* workspace, int M, int N, int K, int K_rows,
+                             int group_size, int act_dtype, int scale_dtype, cudaStream_t stream);
 #endif
 
 }  // namespace int4ops
@@ -109,9 +111,36 @@ extern "C" int int4ops_w4a16_gemm_sm90_supported(int device) {
   return gemm_sm90_check_device("w4a16_gemm_sm90", device) == 0 ? 1 : 0;
 }
 
+#ifdef INT4OPS_HAS_SM90A
+// The GEMM's plan for this shape; the environment can force a tile (INT4OPS_GEMM_TILE_TOKENS=128|256)
+// or turn K splitting off (INT4OPS_GEMM_SPLIT_K=0), for tests and benchmarks.
+static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
+  int tile_tokens = 0;
+  const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS");
+  if (env && *env) tile_tokens = atoi(env) == 256 ? 256 : 128;
+  const char* split = getenv("INT4OPS_GEMM_SPLIT_K");
+  return gemm_sm90_plan(M, N, K_rows, tile_tokens, !(split && split[0] == '0'), sm_count);
+}
+#endif
+
+extern "C" int int4ops_w4a16_gemm_sm90_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes) {
+  if (workspace_bytes) *workspace_bytes = 0;
+  if (M < 1 || N < 1 || K_rows < 1 || sm_count < 1)
+    return set_error(INT4OPS_ERR_ARGS, "w4a16_gemm_sm90_plan: bad shape M=%d N=%d K_rows=%d sm_count=%d", M, N, K_rows,
+                     sm_count);
+#ifdef INT4OPS_HAS_SM90A
+  const GemmPlan plan = gemm_sm90_plan_env(M, N, K_rows, sm_count);
+  if (workspace_bytes) *workspace_bytes = plan.workspace_bytes;
+  return plan.splits;
+#else
+  return gemm_sm90_check_device("w4a16_gemm_sm90_plan", 0);
+#endif
+}
+
 extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const void* scales, const void* zeros,
-                                       void* out, int M, int N, int K, int K_rows, int group_size, int act_dtype,
-                                       int scale_dtype, int device, void* stream) {
+                                       void* out, void* workspace, size_t workspace_bytes, int M, int N, int K,
+                                       int K_rows, int group_size, int act_dtype, int scale_dtype, int device,
+                                       void* stream) {
   char prefix[256];
   if (int rc = check_decode_args(prefix, "w4a16_gemm_sm90", INT_MAX, x, qweight, scales, out, nullptr, M, N, K, K_rows,
                                  group_size, act_dtype, scale_dtype, 1))
@@ -120,9 +149,9 @@ extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const
   if (N % 8 != 0 || K % 8 != 0 || (zeros && N % 16 != 0))
     return set_error(INT4OPS_ERR_ARGS, "%s: needs N %% 8 == 0 (N %% 16 == 0 with zero points) and K %% 8 == 0", prefix);
   if (!aligned16(x) || !aligned16(qweight) || !aligned16(scales) || (zeros && !aligned16(zeros)) ||
-      (reinterpret_cast<uintptr_t>(out) & 3u))
-    return set_error(INT4OPS_ERR_ARGS, "%s: needs 16-byte aligned x, qweight, scales, zeros and 4-byte aligned out",
-                     prefix);
+      !aligned16(workspace) || (reinterpret_cast<uintptr_t>(out) & 3u))
+    return set_error(INT4OPS_ERR_ARGS,
+                     "%s: needs 16-byte aligned x, qweight, scales, zeros, workspace and 4-byte aligned out", prefix);
   if (int rc = gemm_sm90_check_device(prefix, device)) return rc;
 #ifdef INT4OPS_HAS_SM90A
   DeviceGuard guard(device);
@@ -131,12 +160,12 @@ extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const
   int sm_count = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
-  // The tile size is chosen in gemm_sm90_launch; INT4OPS_GEMM_TILE_TOKENS=128|256 forces one.
-  int tile_tokens = 0;
-  const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS");
-  if (env && *env) tile_tokens = atoi(env) == 256 ? 256 : 128;
-  err = gemm_sm90_launch(x, qweight, scales, zeros, out, M, N, K, K_rows, group_size, act_dtype, scale_dtype,
-                         tile_tokens, sm_count, static_cast<cudaStream_t>(stream));
+  const GemmPlan plan = gemm_sm90_plan_env(M, N, K_rows, sm_count);
+  if (plan.workspace_bytes > 0 && (!workspace || workspace_bytes < plan.workspace_bytes))
+    return set_error(INT4OPS_ERR_ARGS, "%s: needs a workspace of %zu bytes (int4ops_w4a16_gemm_sm90_plan), got %zu",
+                     prefix, plan.workspace_bytes, workspace ? workspace_bytes : (size_t)0);
+  err = gemm_sm90_launch(plan, x, qweight, scales, zeros, out, workspace, M, N, K, K_rows, group_size, act_dtype,
+                         scale_dtype, static_cast<cudaStream_t>(stream));
   if (err != cudaSuccess) return set_error(err, "%s: %s", prefix, cudaGetErrorString(err));
 #endif
   return 0;

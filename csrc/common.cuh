@@ -32,6 +32,16 @@ inline const char* dtype_name(int code) {
 // Bytes per element of a dtype code.
 inline int dtype_bytes(int code) { return code == INT4OPS_F32 ? 4 : 2; }
 
+// How the sm_90 GEMM (w4a16_gemm_sm90.cu) runs one call: gemm_sm90_plan chooses it from the
+// shape, api.cu sizes the workspace with it and gemm_sm90_launch follows it.
+struct GemmPlan {
+  int tile_tokens = 256;       // 128 or 256
+  int ch_tiles1 = 0;           // > 0: channel tiles [0, ch_tiles1) in one launch, the rest in a second of 128-token tiles
+  int splits = 1;              // K parts per tile (1: no split, no workspace)
+  int split_stages = 1 << 30;  // 64-k stages per part
+  size_t partials_bytes = 0, workspace_bytes = 0;
+};
+
 // Make `device` current for this call and put the previous device back afterwards. The library
 // has its own (static) CUDA runtime; the device and stream handles it gets from torch name the
 // same driver objects, so this only matters when the caller's thread sits on another device.

@@ -55,15 +55,22 @@ INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void
 
 // Fused large-M GEMM on sm_90 (csrc/w4a16_gemm_sm90.cu): out[M, N] = x[M, K] @ W^T for any
 // M >= 1 with wgmma tensor cores, fp32 accumulation, W rounded to the activation dtype once (as
-// dequantize + cuBLAS would). Arguments as for int4ops_w4a16_mma, without the split-K ones.
-// Needs a library built with sm_90a code (any build whose arch list has 90), an sm_90 GPU,
-// N % 8 == 0 (N % 16 == 0 with zero points), K % 8 == 0, 16-byte aligned x, qweight, scales and
-// zeros, 4-byte aligned out; otherwise it returns INT4OPS_ERR_ARGS with a message saying which.
+// dequantize + cuBLAS would). Needs a library built with sm_90a code (any build whose arch list
+// has 90), an sm_90 GPU, N % 8 == 0 (N % 16 == 0 with zero points), K % 8 == 0, 16-byte aligned
+// x, qweight, scales, zeros and workspace, 4-byte aligned out; otherwise it returns
+// INT4OPS_ERR_ARGS with a message saying which.
+// int4ops_w4a16_gemm_sm90_plan: how many parts K is split into for this shape on a GPU with
+// sm_count SMs (>= 1; an error code < 1 otherwise), and the workspace that needs (0: none):
+// scratch memory for the parts' fp32 sums and per-tile counters, which the call zeroes itself,
+// used until the call's kernels finish on its stream. INT4OPS_GEMM_SPLIT_K=0 in the environment
+// turns splitting off, INT4OPS_GEMM_TILE_TOKENS=128|256 forces a tile (both read by plan and call).
 // int4ops_w4a16_gemm_sm90_supported(device): 1 if this library and that GPU can run it, else 0
 // (and int4ops_cuda_last_error says why).
+INT4OPS_API int int4ops_w4a16_gemm_sm90_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes);
 INT4OPS_API int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const void* scales, const void* zeros,
-                                        void* out, int M, int N, int K, int K_rows, int group_size, int act_dtype,
-                                        int scale_dtype, int device, void* stream);
+                                        void* out, void* workspace, size_t workspace_bytes, int M, int N, int K,
+                                        int K_rows, int group_size, int act_dtype, int scale_dtype, int device,
+                                        void* stream);
 INT4OPS_API int int4ops_w4a16_gemm_sm90_supported(int device);
 
 // Dense dequantized weight, transposed: out[K, N] (row stride N) = W^T in out_dtype (fp16/bf16/fp32).

@@ -45,6 +45,8 @@
 #include <cuda.h>  // CUtensorMap (types only; the driver function is looked up at run time)
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+
 #include "mma_fragments.cuh"
 #include "wgmma_sm90.cuh"
 
@@ -83,6 +85,10 @@ struct GemmArgs {
   int scale_bytes;  // 2 or 4
   int ld;  // row stride (elements) of qweight, scales, zeros and out; N is the channels of this launch
   bool channels_fastest;  // block order: see launch()
+  // Split K (see the epilogue): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
+  int splits = 1, split_stages = 1 << 30;
+  float* partials = nullptr;  // [tiles][splits][BT * kBN] fp32, when splits > 1
+  int* tickets = nullptr;     // [tiles] parts done per tile: 0 before the launch, and again after it
 };
 
 template <typename T> struct Pair;
@@ -98,8 +104,11 @@ template <> struct Pair<__nv_bfloat16> {
 // Which group each k32 half-stage falls in, walked along K without divisions (a k32 never
 // straddles a group; past K_pad it stays on the last group).
 struct GroupWalker {
-  int g = 0, left;
-  __device__ __forceinline__ explicit GroupWalker(int group_size) : left(group_size) {}
+  int g, left;
+  // Starting at k0 (a multiple of 64, below K_pad): its group, clamped to the last one (one group
+  // per channel may be shorter than K_pad), and the k left in it.
+  __device__ __forceinline__ GroupWalker(const GemmArgs& a, int k0)
+      : g(min(k0 / a.group_size, a.groups - 1)), left(a.group_size - k0 % a.group_size) {}
   __device__ __forceinline__ int next(const GemmArgs& a) {
     const int cur = g;
     left -= 32;
@@ -228,6 +237,48 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Split K: the blocks of a tile (blockIdx.z = 0 .. splits - 1) each hold a partial sum of it.
+// Each stores its part in fp32 to its own slot of the workspace and takes a ticket; the last to
+// arrive adds the parts in slot order (the same order whoever arrives last, so the result is
+// deterministic), resets the ticket for the next call and writes the output; the others are done.
+// No block waits for another, so nothing depends on which blocks run at the same time. Used for
+// tiles that would otherwise leave SMs idle (gemm_sm90_launch): the parts cost one fp32 write of
+// the tile each, and the last block reads them back from L2.
+// Slot layout: float4 j of consumer thread t at [j * kConsumers + t], so a warp's store is one
+// contiguous 512-byte piece.
+template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a, float (&acc)[BT / 2]) {
+  __shared__ int ticket;
+  const int t = threadIdx.x - 128;  // consumer thread 0..255
+  const int tile = blockIdx.x + gridDim.x * blockIdx.y;
+  float4* slots = reinterpret_cast<float4*>(a.partials) + (size_t)tile * a.splits * (BT * kBN / 4);
+  float4* mine = slots + (size_t)blockIdx.z * (BT * kBN / 4);
+#pragma unroll
+  for (int j = 0; j < BT / 8; ++j)
+    mine[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+  __threadfence();  // the part is visible device-wide before the ticket says so
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");  // consumers only: the producer has left
+  if (t == 0) ticket = atomicAdd(a.tickets + tile, 1);
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
+  if (ticket != a.splits - 1) return false;
+  __threadfence();
+  // Every part from L2 (__ldcg: not a stale L1 line), this block's own too, added in slot order
+  // into acc (free again: it was stored above). Parts outside, the tile's float4s inside: the
+  // loads of one part are independent and overlap; the other order waits out the L2 latency
+  // once per load (128 loads in a row per thread: it made the split calls ~10-20 us slower).
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
+  for (int z = 0; z < a.splits; ++z) {
+    const float4* part = slots + (size_t)z * (BT * kBN / 4) + t;
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j) {
+      const float4 v = __ldcg(part + j * kConsumers);
+      acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
+    }
+  }
+  if (t == 0) a.tickets[tile] = 0;
+  return true;
+}
+
 template <typename T, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_gemm_sm90_kernel(const GemmArgs a, const __grid_constant__ CUtensorMap map_x,
@@ -257,7 +308,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n0 = (a.channels_fastest ? blockIdx.x : blockIdx.y) * kBN;
   const int ch = 64 * (warp >> 2) + 16 * (warp & 3) + 2 * g;  // A rows g, g+8 = channels ch, ch + 1 of the block
   const int n = n0 + ch;
-  const int k_tiles = (a.K_rows + kWRows - 1) / kWRows;
+  // This block's stages: all of K, or part blockIdx.z of it.
+  const int kt0 = blockIdx.z * a.split_stages;
+  const int n_stages = min((a.K_rows + kWRows - 1) / kWRows - kt0, a.split_stages);
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -271,17 +324,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    // Producer warpgroup, one thread: stage kt goes to slot kt % S once the consumers have released the
-    // slot's previous stage (kt - S): x[tok0 .. +BT, 64kt .. +64], W[8kt .. +8, n0 .. +128], and
-    // the scale / zero-point rows [g, g + 2) of channels n0 .. +128, g the group of the stage's
-    // first k (its second k32 half is in group g or g + 1).
+    // Producer warpgroup, one thread: the block's stage i (k stage kt = kt0 + i) goes to slot
+    // i % S once the consumers have released the slot's previous stage (i - S):
+    // x[tok0 .. +BT, 64kt .. +64], W[8kt .. +8, n0 .. +128], and the scale / zero-point rows
+    // [g, g + 2) of channels n0 .. +128, g the group of the stage's first k (its second k32 half
+    // is in group g or g + 1).
     if (threadIdx.x == 0) {
       const uint32_t bytes =
           TT::kXStageBytes + kWStageBytes + 2 * kBN * a.scale_bytes + (a.zeros ? kZStageBytes : 0);
-      GroupWalker groups(a.group_size);
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int slot = kt % S;
-        if (kt >= S) mbar_wait(empty + 8 * slot, (kt / S - 1) & 1);
+      GroupWalker groups(a, kt0 * kBK);
+      for (int i = 0; i < n_stages; ++i) {
+        const int kt = kt0 + i, slot = i % S;
+        if (i >= S) mbar_wait(empty + 8 * slot, (i / S - 1) & 1);
         const uint32_t bar = full + 8 * slot;
         const int grp = groups.next(a);
         groups.next(a);
@@ -300,12 +354,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
   uint32_t regs0[4][4], regs1[4][4];
-  GroupWalker use_groups(a.group_size);
-  // One stage: wait for its copies, unpack, issue 4 wgmmas, release the previous stage's slot.
-  auto stage = [&](int kt, uint32_t(&A)[4][4]) {
+  GroupWalker use_groups(a, kt0 * kBK);
+  // The block's stage i: wait for its copies, unpack, issue 4 wgmmas, release the previous stage's slot.
+  auto stage = [&](int i, uint32_t(&A)[4][4]) {
     const int g0 = use_groups.next(a), row1 = use_groups.next(a) - g0;  // scale row of each k32 half
-    const int slot = kt % S;
-    mbar_wait(full + 8 * slot, (kt / S) & 1);  // stage kt has landed
+    const int slot = i % S;
+    mbar_wait(full + 8 * slot, (i / S) & 1);  // stage i has landed
     ChannelConsts c[2][2];
     stage_consts<T>(a, ss_ptr + slot * kSStageBytes, zs_ptr + slot * kZStageBytes, ch, row1, c);
     const uint8_t* wrow = ws_ptr + slot * kWStageBytes + ch * 4;
@@ -333,20 +387,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < 4; ++j) Mma::mma(acc, A[j], desc[j]);
     wgmma_commit();
     fence_acc(acc);
-    wgmma_wait<1>();  // stage kt - 1's group is done: its A registers and its slot are free
-    if (kt > 0 && lane == 0) mbar_arrive(empty + 8 * ((kt - 1) % S));
+    wgmma_wait<1>();  // stage i - 1's group is done: its A registers and its slot are free
+    if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % S));
   };
 
   // No condition between the two halves: ptxas must see that regs0 is only rewritten after the
   // wait that retires the group reading it.
-  int kt = 0;
-  for (; kt + 1 < k_tiles; kt += 2) {
-    stage(kt, regs0);
-    stage(kt + 1, regs1);
+  int i = 0;
+  for (; i + 1 < n_stages; i += 2) {
+    stage(i, regs0);
+    stage(i + 1, regs1);
   }
-  if (kt < k_tiles) stage(kt, regs0);
+  if (i < n_stages) stage(i, regs0);
   wgmma_wait<0>();
   fence_acc(acc);
+
+  if (a.splits > 1 && !reduce_parts<BT>(a, acc)) return;
 
   // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
   if (n < a.N) {
@@ -409,12 +465,10 @@ template <typename T, int BT> cudaError_t launch(const GemmArgs& a, cudaStream_t
   // wave reads a slab of x once and re-reads W (4096x4096, M = 4096: x is 32 MB, W 8 MB);
   // otherwise consecutive token tiles of the same channels.
   const int token_tiles = (a.M + BT - 1) / BT, ch_tiles = (a.N + kBN - 1) / kBN;
-  const dim3 grid = a.channels_fastest ? dim3(ch_tiles, token_tiles) : dim3(token_tiles, ch_tiles);
+  const dim3 grid = a.channels_fastest ? dim3(ch_tiles, token_tiles, a.splits) : dim3(token_tiles, ch_tiles, a.splits);
   kernel<<<grid, kThreads, Tile<BT>::kSmemBytes, stream>>>(a, map_x, map_w, map_s, map_z);
   return cudaGetLastError();
 }
-
-}  // namespace
 
 template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, cudaStream_t stream) {
   return tile_tokens == 256 ? launch<T, 256>(a, stream) : launch<T, 128>(a, stream);
@@ -430,10 +484,55 @@ GemmArgs channel_slice(GemmArgs a, int n0, int N) {
   return a;
 }
 
-// tile_tokens: 128 or 256 to force a tile (INT4OPS_GEMM_TILE_TOKENS), 0 to choose here.
-cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* scales, const void* zeros, void* out, int M,
-                             int N, int K, int K_rows, int group_size, int act_dtype, int scale_dtype, int tile_tokens,
-                             int sm_count, cudaStream_t stream) {
+}  // namespace
+
+// How a call runs, from its shape alone (the workspace query and the launch agree by construction).
+// One block per SM, so the number of tiles against the number of SMs decides:
+//   * 256-token tiles (fewer x bytes per MMA), or 128-token ones for M <= 128 (a 256-token tile
+//     would mostly multiply padding: 28672x4096 at M = 64, 124 -> 64 us) and where twice as many
+//     still fit in one wave (4096x4096: M = 256 runs 64 blocks, not 32; M = 1024 keeps 128 of 256);
+//   * fewer tiles than SMs (M <= 256 on 8B layers): each tile's K is cut into `splits` parts,
+//     one block each (reduce_parts), keeping at least kMinSplitStages stages of 64 k per part so
+//     the pipeline fill stays small next to it. 4096x14336 at M = 64 (32 tiles): 93 -> 35 us.
+//   * a last wave at most half full (6144x4096 at M = 1024: 192 tiles of 256 tokens, 60 in the
+//     second wave) costs a whole wave for little work: the channel tiles of that wave run as a
+//     second launch of 128-token tiles (twice the blocks, half the work each, one wave).
+// Measured on an H200 (notes/cuda_backend.md, session 8): splitting K in 2 instead, for the last
+// wave or for 6144x4096 at M = 256, was no faster (82 vs 82 us) or slower (34 vs 30 us): the
+// parts' fp32 round trip through L2 costs about what the split saves when it only doubles the
+// blocks.
+// INT4OPS_GEMM_SPLIT_K=0 (read in api.cu) turns splitting off; tile_tokens forces the tile.
+constexpr int kMinSplitStages = 8, kMaxSplits = 8;
+
+GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int sm_count) {
+  GemmPlan p;
+  const int ch_tiles = (N + kBN - 1) / kBN;
+  const long tiles256 = (long)((M + 255) / 256) * ch_tiles;
+  p.tile_tokens = tile_tokens ? tile_tokens : (M <= 128 || 2 * tiles256 <= sm_count ? 128 : 256);
+  const int token_tiles = (M + p.tile_tokens - 1) / p.tile_tokens;
+  const long tiles = (long)token_tiles * ch_tiles;
+  if (tiles >= sm_count) {
+    const long rem = tiles % sm_count;
+    if (p.tile_tokens == 256 && rem > 0 && 2 * rem <= sm_count) {
+      const int c1 = (int)((tiles - rem) / token_tiles);  // channel tiles of the full waves
+      const int c2 = ch_tiles - c1;
+      if (c1 > 0 && c2 > 0 && (long)c2 * ((M + 127) / 128) <= sm_count) p.ch_tiles1 = c1;
+    }
+    return p;
+  }
+  const int stages = (K_rows + kWRows - 1) / kWRows;
+  const int splits = split_k ? (int)std::min<long>(std::min(kMaxSplits, stages / kMinSplitStages), sm_count / tiles) : 1;
+  if (splits < 2) return p;
+  p.split_stages = (stages + splits - 1) / splits;
+  p.splits = (stages + p.split_stages - 1) / p.split_stages;  // no empty part
+  p.partials_bytes = (size_t)tiles * p.splits * p.tile_tokens * kBN * sizeof(float);
+  p.workspace_bytes = p.partials_bytes + (size_t)tiles * sizeof(int);
+  return p;
+}
+
+cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qweight, const void* scales,
+                             const void* zeros, void* out, void* workspace, int M, int N, int K, int K_rows,
+                             int group_size, int act_dtype, int scale_dtype, cudaStream_t stream) {
   GemmArgs a;
   a.x = x;
   a.qweight = static_cast<const uint32_t*>(qweight);
@@ -449,31 +548,24 @@ cudaError_t gemm_sm90_launch(const void* x, const void* qweight, const void* sca
   a.groups = (K_rows * 8 + group_size - 1) / group_size;
   a.scale_dtype = scale_dtype;
   a.scale_bytes = dtype_bytes(scale_dtype);
+  // Blocks that run together should share the operand that does not fit in L2 (launch()).
   a.channels_fastest = 4LL * M > N;
   auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
-
-  // One block per SM. 256-token tiles (fewer x bytes per MMA) unless they fill at most half the
-  // SMs, where twice as many 128-token tiles still fit in one wave (4096x4096: M = 256 runs 64
-  // blocks, not 32; M = 1024 keeps its 128 blocks of 256 tokens).
-  const int token_tiles = (M + 255) / 256, ch_tiles = (N + kBN - 1) / kBN;
-  const long tiles = (long)token_tiles * ch_tiles;
-  if (tile_tokens == 0) tile_tokens = 2 * tiles <= sm_count ? 128 : 256;
-
-  // Wave quantization: a last wave that is less than half full costs a whole wave for little
-  // work (6144 channels at M = 1024: 192 tiles on 132 SMs). Then the channel tiles of that last
-  // wave run as a second launch of 128-token tiles: twice the blocks, each with half the work,
-  // which fit in one wave. (Measured: notes/cuda_backend.md, session 7.)
-  const int rem = (int)(tiles % sm_count);
-  if (tile_tokens == 256 && tiles > sm_count && rem > 0 && 2 * rem <= sm_count) {
-    const int c1 = (int)((tiles - rem) / token_tiles);  // channel tiles of the full waves
-    const int c2 = ch_tiles - c1;
-    if (c1 > 0 && c2 > 0 && c2 * ((M + 127) / 128) <= sm_count) {
-      cudaError_t err = run(channel_slice(a, 0, c1 * kBN), 256, stream);
-      if (err != cudaSuccess) return err;
-      return run(channel_slice(a, c1 * kBN, N - c1 * kBN), 128, stream);
-    }
+  if (plan.ch_tiles1) {
+    const int n1 = plan.ch_tiles1 * kBN;
+    cudaError_t err = run(channel_slice(a, 0, n1), 256, stream);
+    if (err != cudaSuccess) return err;
+    return run(channel_slice(a, n1, N - n1), 128, stream);
   }
-  return run(a, tile_tokens, stream);
+  if (plan.splits > 1) {
+    a.splits = plan.splits;
+    a.split_stages = plan.split_stages;
+    a.partials = static_cast<float*>(workspace);
+    a.tickets = reinterpret_cast<int*>(static_cast<char*>(workspace) + plan.partials_bytes);
+    cudaError_t err = cudaMemsetAsync(a.tickets, 0, plan.workspace_bytes - plan.partials_bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return run(a, plan.tile_tokens, stream);
 }
 
 }  // namespace int4ops

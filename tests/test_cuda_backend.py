@@ -417,16 +417,71 @@ def test_sm90_gemm_scale_dtypes(x_dtype, scale_dtype):
     assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[x_dtype]
 
 
+def _gemm_plan(m, n, k_rows):
+    ws = ctypes.c_size_t(0)
+    parts = cuda._lib().handle.int4ops_w4a16_gemm_sm90_plan(m, n, k_rows, cuda._sm_count(torch.cuda.current_device()),
+                                                             ctypes.byref(ws))  # fmt: skip
+    return parts, ws.value
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sm90_gemm_last_wave_split(dtype):
     """6144 channels at M = 1000: 192 tiles of 256 tokens on a 132-SM GPU, so the channel tiles of
-    the half-empty last wave run as a second launch of 128-token tiles (gemm_sm90_launch)."""
+    the half-empty last wave run as a second launch of 128-token tiles (gemm_sm90_plan)."""
     _need_sm90_gemm()
     w = _weight(6144, 512, 128, False, dtype)
+    assert _gemm_plan(1000, 6144, 64) == (1, 0)  # no K split, no workspace
     x = torch.randn(1000, 512, device="cuda", dtype=dtype)
     y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128, out=poisoned((1000, 6144), dtype, "cuda"))
     assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,group_size", [(64, 4096, 4096, 128), (300, 1024, 4104, 64), (17, 256, 1000, -1),
+                                              (129, 2048, 2048, 32)])
+def test_sm90_gemm_split_k(m, n, k, group_size, dtype, monkeypatch):
+    """Split K (fewer tiles than SMs; 2-5 parts here, the last one shorter for K = 4104): the
+    parts add up to the unsplit result within the tolerance, every call gives the same bits (the
+    last part to finish adds them in a fixed order), and INT4OPS_GEMM_SPLIT_K=0 turns it off."""
+    _need_sm90_gemm()
+    w = _weight(n, k, group_size, False, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    parts, ws = _gemm_plan(m, n, w.qweight.shape[0])
+    assert parts > 1 and ws > 0
+    ref = w4a16_matmul_reference(x.float(), w)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+    assert rel_err(y, ref) <= TOL[dtype]
+    for _ in range(3):
+        again = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+        assert torch.equal(again, y)
+    monkeypatch.setenv("INT4OPS_GEMM_SPLIT_K", "0")
+    assert _gemm_plan(m, n, w.qweight.shape[0]) == (1, 0)
+    whole = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+    assert rel_err(whole, ref) <= TOL[dtype]
+    assert rel_err(y, whole.float()) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_sm90_gemm_workspace_checked():
+    """Called directly, the C side refuses a missing or short workspace and says how much it needs."""
+    _need_sm90_gemm()
+    lib = cuda._lib()
+    m, n, k = 64, 4096, 4096
+    w = _weight(n, k, 128, False, torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    parts, need = _gemm_plan(m, n, w.qweight.shape[0])
+    assert parts > 1
+    short = torch.empty(need - 16, dtype=torch.uint8, device="cuda")
+    for ws, size in ((None, 0), (short.data_ptr(), need - 16)):
+        rc = lib.handle.int4ops_w4a16_gemm_sm90(
+            x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(), ws, size,
+            m, n, k, w.qweight.shape[0], 128, 0, 0, x.device.index, torch.cuda.current_stream().cuda_stream,
+        )  # fmt: skip
+        with pytest.raises(cuda.CudaLibraryError, match=rf"needs a workspace of {need} bytes"):
+            cuda._check(lib, rc)
 
 
 @pytest.mark.gpu
@@ -453,7 +508,7 @@ def test_large_m_path_choice(monkeypatch):
     assert rel_err(y, w4a16_matmul_reference(x_odd.float(), w)) <= TOL[torch.float16]
     # Called directly with what it cannot take, the C side says which requirement failed.
     rc = lib.handle.int4ops_w4a16_gemm_sm90(
-        x_odd.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(),
+        x_odd.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(), None, 0,
         64, 256, 512, w.qweight.shape[0], 128, 0, 0, x.device.index, torch.cuda.current_stream().cuda_stream,
     )  # fmt: skip
     with pytest.raises(cuda.CudaLibraryError, match=r"w4a16_gemm_sm90 failed for M=64, N=256, K=512.*16-byte aligned"):

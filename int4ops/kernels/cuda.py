@@ -108,7 +108,9 @@ class _Lib:
             h.int4ops_w4a16_mma_plan.restype = c_int
             h.int4ops_w4a16_mma.argtypes = [c_void_p] * 6 + [c_int] * 9 + [c_void_p]
             h.int4ops_w4a16_mma.restype = c_int
-            h.int4ops_w4a16_gemm_sm90.argtypes = [c_void_p] * 5 + [c_int] * 8 + [c_void_p]
+            h.int4ops_w4a16_gemm_sm90_plan.argtypes = [c_int, c_int, c_int, c_int, ctypes.POINTER(c_size_t)]
+            h.int4ops_w4a16_gemm_sm90_plan.restype = c_int
+            h.int4ops_w4a16_gemm_sm90.argtypes = [c_void_p] * 6 + [c_size_t] + [c_int] * 8 + [c_void_p]
             h.int4ops_w4a16_gemm_sm90.restype = c_int
             h.int4ops_w4a16_gemm_sm90_supported.argtypes = [c_int]
             h.int4ops_w4a16_gemm_sm90_supported.restype = c_int
@@ -389,6 +391,15 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
         raise ValueError(f"{ENV_DECODE} must be 'mma' or 'gemv', got {decode!r}")
     max_m = MMA_MAX_M if decode == "mma" else GEMV_MAX_M
     if m > max_m and _large_m_path(lib, x, qweight, scales, zeros, out) == "fused":
+        # Where its tiles would leave SMs idle the GEMM splits K and adds the parts through a
+        # scratch workspace (fp32 parts + per-tile counters); the plan says how big.
+        ws_bytes = ctypes.c_size_t(0)
+        parts = lib.handle.int4ops_w4a16_gemm_sm90_plan(
+            m, n, qweight.shape[0], _sm_count(x.device.index), ctypes.byref(ws_bytes)
+        )
+        if parts < 1:
+            _check(lib, parts)
+        workspace = torch.empty((ws_bytes.value,), dtype=torch.uint8, device=x.device) if ws_bytes.value else None
         with torch.cuda.device(x.device):
             rc = lib.handle.int4ops_w4a16_gemm_sm90(
                 x.data_ptr(),
@@ -396,6 +407,8 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
                 scales.data_ptr(),
                 None if zeros is None else zeros.data_ptr(),
                 out.data_ptr(),
+                None if workspace is None else workspace.data_ptr(),
+                ws_bytes.value,
                 m,
                 n,
                 k,
