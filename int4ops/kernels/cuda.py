@@ -360,7 +360,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
     M <= MMA_MAX_M: the tensor-core decode kernel (its streaming fast path at M <= 8 on
     aligned inputs; ``INT4OPS_CUDA_DECODE=gemv``: the scalar one, M <= GEMV_MAX_M); fp32
     accumulation, split-K. Larger M: on an H100/H200, the fused wgmma GEMM (csrc/w4a16_gemm_sm90.cu;
-    W rounded to x.dtype in registers, fp32 accumulation); elsewhere, or with
+    W rounded to x.dtype in registers, fp32 accumulation, K split when its tiles would leave SMs idle); elsewhere, or with
     ``INT4OPS_CUDA_LARGE_M=dequant``, dequantize to x.dtype (in column chunks of at most
     DEQUANT_CHUNK_ELEMS) and multiply with cuBLAS.
     ``out``, if given, must be a contiguous [M, N] tensor of x's dtype and device.
