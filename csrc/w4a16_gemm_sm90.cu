@@ -88,7 +88,7 @@ struct GemmArgs {
   // Split K (see the epilogue): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
   int splits = 1, split_stages = 1 << 30;
   float* partials = nullptr;  // [tiles][splits][BT * kBN] fp32, when splits > 1
-  int* tickets = nullptr;     // [tiles] parts done per tile: 0 before the launch, and again after it
+  int* tickets = nullptr;     // [tiles] parts done per tile, zeroed by gemm_sm90_launch before the launch
 };
 
 template <typename T> struct Pair;
@@ -240,7 +240,8 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 // Split K: the blocks of a tile (blockIdx.z = 0 .. splits - 1) each hold a partial sum of it.
 // Each stores its part in fp32 to its own slot of the workspace and takes a ticket; the last to
 // arrive adds the parts in slot order (the same order whoever arrives last, so the result is
-// deterministic), resets the ticket for the next call and writes the output; the others are done.
+// deterministic) and writes the output; the others are done. (It also sets the ticket back to 0;
+// each call zeroes the tickets before its launch anyway.)
 // No block waits for another, so nothing depends on which blocks run at the same time. Used for
 // tiles that would otherwise leave SMs idle (gemm_sm90_launch): the parts cost one fp32 write of
 // the tile each, and the last block reads them back from L2.
@@ -486,7 +487,8 @@ GemmArgs channel_slice(GemmArgs a, int n0, int N) {
 
 }  // namespace
 
-// How a call runs, from its shape alone (the workspace query and the launch agree by construction).
+// How a call runs, from its shape alone (the workspace query and the launch agree by construction;
+// a cluster / distributed-shared-memory version of the split, tried in session 8, is in the notes).
 // One block per SM, so the number of tiles against the number of SMs decides:
 //   * 256-token tiles (fewer x bytes per MMA), or 128-token ones for M <= 128 (a 256-token tile
 //     would mostly multiply padding: 28672x4096 at M = 64, 124 -> 64 us) and where twice as many

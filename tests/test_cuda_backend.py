@@ -270,7 +270,9 @@ def test_noncontiguous_x_and_side_stream():
 @pytest.mark.parametrize("m", [1, 8, 16, 64, 1024])
 def test_cuda_graph_capture(m):
     _need_lib()
-    n, k, gs = 4096, 1024, 128  # M = 1..16 use split-K (workspace); 64 and 1024 the large-M path
+    # M = 1..16: decode split-K (workspace); on an H100/H200, 64: the sm_90 GEMM with K split
+    # (workspace + memset), 1024: without; elsewhere dequantize + cuBLAS.
+    n, k, gs = 4096, 1024, 128
     w = _weight(n, k, gs, False, torch.float16)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
