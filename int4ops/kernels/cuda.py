@@ -354,6 +354,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _planned_workspace(plan, m: int, n: int, k_rows: int, device: torch.device):
+    """Ask a kernel's plan function (``int4ops_*_plan(M, N, K_rows, sm_count, &bytes)``) how it
+    splits this shape and how much scratch memory that needs; the workspace comes from torch's
+    allocator (None when none is needed). Returns (plan's result, workspace, its bytes)."""
+    ws_bytes = ctypes.c_size_t(0)
+    result = plan(m, n, k_rows, _sm_count(device.index), ctypes.byref(ws_bytes))
+    workspace = torch.empty((ws_bytes.value,), dtype=torch.uint8, device=device) if ws_bytes.value else None
+    return result, workspace, ws_bytes.value
+
+
 def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, out=None) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` in x.dtype (fp16/bf16) with the CUDA library.
 
@@ -393,13 +403,11 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
     if m > max_m and _large_m_path(lib, x, qweight, scales, zeros, out) == "fused":
         # Where its tiles would leave SMs idle the GEMM splits K and adds the parts through a
         # scratch workspace (fp32 parts + per-tile counters); the plan says how big.
-        ws_bytes = ctypes.c_size_t(0)
-        parts = lib.handle.int4ops_w4a16_gemm_sm90_plan(
-            m, n, qweight.shape[0], _sm_count(x.device.index), ctypes.byref(ws_bytes)
+        parts, workspace, ws_bytes = _planned_workspace(
+            lib.handle.int4ops_w4a16_gemm_sm90_plan, m, n, qweight.shape[0], x.device
         )
         if parts < 1:
             _check(lib, parts)
-        workspace = torch.empty((ws_bytes.value,), dtype=torch.uint8, device=x.device) if ws_bytes.value else None
         with torch.cuda.device(x.device):
             rc = lib.handle.int4ops_w4a16_gemm_sm90(
                 x.data_ptr(),
@@ -408,7 +416,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
                 None if zeros is None else zeros.data_ptr(),
                 out.data_ptr(),
                 None if workspace is None else workspace.data_ptr(),
-                ws_bytes.value,
+                ws_bytes,
                 m,
                 n,
                 k,
@@ -442,11 +450,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
         if decode == "mma"
         else (lib.handle.int4ops_w4a16_gemv_plan, lib.handle.int4ops_w4a16_gemv)
     )
-    ws_bytes = ctypes.c_size_t(0)
-    splits = plan(m, n, qweight.shape[0], _sm_count(index), ctypes.byref(ws_bytes))
-    workspace = None
-    if ws_bytes.value:
-        workspace = torch.empty((ws_bytes.value // 4,), dtype=torch.float32, device=x.device)
+    splits, workspace, _ = _planned_workspace(plan, m, n, qweight.shape[0], x.device)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         rc = run(
