@@ -21,9 +21,12 @@ turns them into markdown and a plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=None, help="restrict to these (comma list of triton,cuda,reference,cublas,"
                    "dequant+cublas,torch-int4pack,bitsandbytes,gemlite)")
     p.add_argument("--with-reference", action="store_true", help="also time the reference backend (slow)")
+    p.add_argument("--variant", action="append", default=[], metavar="BACKEND:VAR=VALUE",
+                   help="also time BACKEND with the environment variable VAR=VALUE set while its calls are "
+                   "captured, as backend 'BACKEND[VAR=VALUE]' (an A/B of a kernel switch in one run, timed in "
+                   "alternation with the rest); repeatable, e.g. cuda:INT4OPS_GEMM_STREAM_K=0")
     p.add_argument("--no-graph", action="store_true", help="time eager calls with events instead of CUDA graphs")
     p.add_argument("--budget", type=float, default=0.25, help="max seconds of timed replays per point")
     p.add_argument("--reps", type=int, default=25, help="max timed replays per point")
@@ -86,7 +93,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.shapes = parse_shapes(args.shapes) if args.shapes else None
     args.ms = [int(m) for m in args.ms.split(",")] if args.ms else None
     args.backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    args.variants = []
+    for v in args.variant:
+        backend, sep, assign = v.partition(":")
+        var, eq, value = assign.partition("=")
+        if not (sep and eq and var) or backend not in INT4_BACKENDS:
+            p.error(f"--variant wants BACKEND:VAR=VALUE with BACKEND one of {', '.join(INT4_BACKENDS)}, got {v!r}")
+        args.variants.append((backend, var, value))
     return args
+
+
+def _replay_with_env(values: dict, replay) -> None:
+    with env_set(values):
+        replay()
+
+
+@contextlib.contextmanager
+def env_set(values: dict):
+    """Set environment variables for the block, then put the old values back."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_shapes(text: str) -> list[tuple[str, int, int]]:
@@ -268,6 +302,14 @@ def run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results,
                 op = torch.ops.int4ops.w4a16_mm
                 fns = [lambda w=w, b=b: op(x, w.qweight, w.scales, w.zeros, k, gs, b) for w in q_copies]
                 cases[b] = (fns, common.point_bytes("int4", m, n, k, gs, sym), "")
+        envs = {}  # --variant backends: the environment their calls are captured under
+        for b, var, value in args.variants:
+            if b in backends:
+                op = torch.ops.int4ops.w4a16_mm
+                label = f"{b}[{var}={value}]"
+                cases[label] = ([lambda w=w, b=b: op(x, w.qweight, w.scales, w.zeros, k, gs, b) for w in q_copies],
+                                common.point_bytes("int4", m, n, k, gs, sym), f"{var}={value}")
+                envs[label] = {var: value}
         if want("dequant+cublas"):
             fns = [lambda w=w: F.linear(x, deq(w, dtype)) for w in q_copies]
             cases["dequant+cublas"] = (fns, common.point_bytes("int4", m, n, k, gs, sym), deq_label)
@@ -290,12 +332,17 @@ def run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results,
                      "backend": backend, "copies": len(fns), "bytes": nbytes, "flops": common.flops(m, n, k), "note": note}
             points[backend] = point
             try:
-                out = fns[0]()
-                if ref is not None and backend != "cublas":
-                    point["rel_err"] = rel_err(out, ref)
-                del out
-                slow = backend in ("dequant+cublas", "reference")  # one pass over the copies is plenty
-                units[backend] = common.make_replay(fns, device, min_calls=1 if slow else 8, use_graph=not args.no_graph)
+                with env_set(envs.get(backend, {})):
+                    out = fns[0]()
+                    if ref is not None and backend != "cublas":
+                        point["rel_err"] = rel_err(out, ref)
+                    del out
+                    slow = backend in ("dequant+cublas", "reference")  # one pass over the copies is plenty
+                    replay, method, calls = common.make_replay(fns, device, min_calls=1 if slow else 8,
+                                                               use_graph=not args.no_graph)
+                if backend in envs and method != "cuda-graph":  # eager calls read the environment each time
+                    replay = functools.partial(_replay_with_env, envs[backend], replay)
+                units[backend] = (replay, method, calls)
             except Exception as e:  # noqa: BLE001
                 fail(point, e, device)
         timed = common.bench_interleaved(units, device, reps=args.reps, budget_s=args.budget)

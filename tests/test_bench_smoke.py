@@ -2,6 +2,7 @@
 plot generation from a small synthetic results dict, CLI parsing, and one tiny CPU dry run."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -105,6 +106,33 @@ def test_kernels_cli_parsing():
     assert d.dtypes == [torch.float16, torch.bfloat16] and d.shapes is None and d.backends is None
     assert {(n, k) for _, n, k in kernels.SHAPES} == {(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (28672, 8192)}
     assert kernels.MS == [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def test_kernels_variant_runs_under_its_environment(tmp_path, monkeypatch):
+    """--variant BACKEND:VAR=VALUE times BACKEND again with VAR set while its calls run (CPU: eager
+    calls, so every replay sets it), labelled BACKEND[VAR=VALUE]; the environment is put back."""
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--variant", "cublas:X=1"])  # only int4ops backends
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--variant", "cuda-X=1"])
+    assert kernels.parse_args(["--variant", "cuda:INT4OPS_GEMM_STREAM_K=0"]).variants == [("cuda", "INT4OPS_GEMM_STREAM_K", "0")]
+    monkeypatch.delenv("INT4OPS_BENCH_VARIANT", raising=False)
+    seen = []
+    real = kernels.common.make_replay
+
+    def spy(fns, *a, **kw):
+        replay, method, calls = real(fns, *a, **kw)
+        return (lambda: (seen.append(os.environ.get("INT4OPS_BENCH_VARIANT")), replay())), method, calls
+
+    monkeypatch.setattr(kernels.common, "make_replay", spy)
+    out = tmp_path / "k.json"
+    assert kernels.main(["--device", "cpu", "--shapes", "64x256", "--ms", "2", "--dtypes", "fp16", "--budget", "0.01",
+                         "--reps", "2", "--backends", "cublas,reference", "--variant",
+                         "reference:INT4OPS_BENCH_VARIANT=1", "--no-plot", "--out", str(out)]) == 0
+    points = {p["backend"]: p for p in json.loads(out.read_text())["results"]}
+    assert points["reference[INT4OPS_BENCH_VARIANT=1]"]["ms"] > 0 and points["reference"]["ms"] > 0
+    assert "1" in seen and None in seen  # the variant's replays saw it, the plain backend's did not
+    assert "INT4OPS_BENCH_VARIANT" not in os.environ
 
 
 def test_e2e_cli_parsing():
