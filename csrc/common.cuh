@@ -39,6 +39,8 @@ struct GemmPlan {
   int ch_tiles1 = 0;           // > 0: channel tiles [0, ch_tiles1) in one launch, the rest in a second of 128-token tiles
   int splits = 1;              // K parts per tile (1: no split, no workspace)
   int split_stages = 1 << 30;  // 64-k stages per part
+  int sk_blocks = 0;           // > 0: stream-K, one launch of this many blocks (splits = 2: a tile has at most 2 parts)
+  int sk_tile0 = -1;           // stream-K: tiles below this one run whole, round-robin
   size_t partials_bytes = 0, workspace_bytes = 0;
 };
 

@@ -23,6 +23,10 @@
 //     unpack stage s + 1. The A registers of the group in flight stay untouched: the main loop
 //     alternates two register sets (unrolled by 2).
 //   * setmaxnreg moves registers from the producer (40) to the consumers (232).
+//   * Where tiles are fewer than SMs, blocks split K (reduce_parts); where a last wave would
+//     leave SMs idle long enough, a stream-K launch shares the stages out evenly and a block
+//     may run up to three segments of different tiles (BlockWork, hand_over); gemm_sm90_plan
+//     picks. The ring and its barriers run on across segments.
 // No block-wide barrier after setup. Every step, measured on an H100 (notes, session 7): the
 // first version with cp.async and __syncthreads ran at 0.35-0.55x of cuBLAS; TMA, the producer
 // warpgroup and integer-only scale handling brought it to 0.9-1.05x at M >= 1024.
@@ -46,6 +50,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "mma_fragments.cuh"
 #include "wgmma_sm90.cuh"
@@ -84,11 +89,16 @@ struct GemmArgs {
   int M, N, K, K_rows, group_size, groups, scale_dtype;
   int scale_bytes;  // 2 or 4
   int ld;  // row stride (elements) of qweight, scales, zeros and out; N is the channels of this launch
-  bool channels_fastest;  // block order: see launch()
-  // Split K (see the epilogue): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
+  bool channels_fastest;  // tile order: see launch()
+  int tiles, tiles_x;     // tiles of this launch; tile t sits at (t % tiles_x, t / tiles_x) (launch())
+  int tile_stages;        // 64-k stages of a whole tile (all of K)
+  // Split K (reduce_parts): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
   int splits = 1, split_stages = 1 << 30;
-  float* partials = nullptr;  // [tiles][splits][BT * kBN] fp32, when splits > 1
-  int* tickets = nullptr;     // [tiles] parts done per tile, zeroed by gemm_sm90_launch before the launch
+  // Stream-K (BlockWork, hand_over): the stages of tiles [sk_tile0, tiles) are shared out evenly
+  // over the blocks. -1: one tile (or K part) per block.
+  int sk_tile0 = -1;
+  float* partials = nullptr;  // split K: [tiles][splits][BT * kBN]; stream-K: [blocks + 1][2][BT * kBN] (fp32)
+  int* tickets = nullptr;     // split K: [tiles], stream-K: [blocks + 1]; zeroed by gemm_sm90_launch before the launch
 };
 
 template <typename T> struct Pair;
@@ -237,6 +247,23 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// The tickets that say a part is in the workspace, with release / acquire semantics at GPU
+// scope, taken by one consumer thread between two consumer barriers (the barrier orders the other
+// threads' part stores before the release, and their part loads after the acquire). Not
+// __threadfence(): that is MEMBAR.SC.GPU (sequentially consistent, waits for every store in the
+// GPU's view) plus an L1 invalidate, which cost more than the parts' traffic itself.
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ int fetch_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
+
 // Split K: the blocks of a tile (blockIdx.z = 0 .. splits - 1) each hold a partial sum of it.
 // Each stores its part in fp32 to its own slot of the workspace and takes a ticket; the last to
 // arrive adds the parts in slot order (the same order whoever arrives last, so the result is
@@ -256,12 +283,10 @@ template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a
 #pragma unroll
   for (int j = 0; j < BT / 8; ++j)
     mine[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
-  __threadfence();  // the part is visible device-wide before the ticket says so
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");  // consumers only: the producer has left
-  if (t == 0) ticket = atomicAdd(a.tickets + tile, 1);
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
+  consumers_sync();  // consumers only: the producer has left
+  if (t == 0) ticket = fetch_add_acq_rel(a.tickets + tile, 1);  // releases this part, acquires the others
+  consumers_sync();
   if (ticket != a.splits - 1) return false;
-  __threadfence();
   // Every part from L2 (__ldcg: not a stale L1 line), this block's own too, added in slot order
   // into acc (free again: it was stored above). Parts outside, the tile's float4s inside: the
   // loads of one part are independent and overlap; the other order waits out the L2 latency
@@ -277,6 +302,84 @@ template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a
     }
   }
   if (t == 0) a.tickets[tile] = 0;
+  return true;
+}
+
+// What a block computes: one to three segments, each some stages [kt0, kt1) of one tile, with
+// its own accumulators and epilogue. Without stream-K a block has one: its tile (blockIdx.x +
+// gridDim.x * blockIdx.y), whole or its K part blockIdx.z. A stream-K launch (gemm_sm90_plan)
+// has one block per SM and shares out tiles [sk_tile0, tiles), fewer than two waves' worth: their
+// stages, laid end to end, are cut into gridDim.x even ranges, one per block, and cut again at
+// tile ends, so no SM idles in a last wave. 6144x4096 at M = 1024 on 132 SMs: 192 tiles of 64
+// stages, 93 per block: one whole tile and part of another, or the ends of two (hand_over adds
+// the two parts of a tile cut by a block edge). A range is shorter than two tiles, so it touches
+// at most three (kMaxSegments). The producer and the consumers walk the same list.
+constexpr int kMaxSegments = 3;
+struct Segment {
+  int tile, kt0, kt1;
+};
+struct BlockWork {
+  int u, u_end;  // stages [u, u_end) of the tiles laid end to end (tile t: [t, t + 1) * tile_stages)
+  __device__ __forceinline__ explicit BlockWork(const GemmArgs& a) {
+    const int ts = a.tile_stages;
+    if (a.sk_tile0 >= 0) {
+      // Even shares (they differ by at most one stage), each at least tile_stages long as there
+      // are at least gridDim.x tiles: a tile is cut by at most one block edge, so hand_over never
+      // sees more than two parts.
+      const long long total = (long long)(a.tiles - a.sk_tile0) * ts;
+      u = a.sk_tile0 * ts + (int)(blockIdx.x * total / gridDim.x);
+      u_end = a.sk_tile0 * ts + (int)((blockIdx.x + 1) * total / gridDim.x);
+    } else {
+      const int tile = blockIdx.x + gridDim.x * blockIdx.y;
+      u = tile * ts + blockIdx.z * a.split_stages;
+      u_end = min(tile * ts + ts, u + a.split_stages);
+    }
+  }
+  __device__ __forceinline__ bool next(const GemmArgs& a, Segment& s) {
+    if (u >= u_end) return false;
+    const int ts = a.tile_stages;
+    s.tile = u / ts;
+    s.kt0 = u - s.tile * ts;
+    s.kt1 = min(ts, u_end - s.tile * ts);
+    u = s.tile * ts + s.kt1;
+    return true;
+  }
+};
+
+// Stream-K: a tile cut by the edge between blocks b - 1 and b has two parts, its first stages
+// (side 0, block b - 1's last segment) and its last ones (side 1, block b's first segment, which
+// usually finishes long before: block b starts with it). Whichever part finishes second writes
+// the tile: if the other part is already in the workspace (ticket 1) it just adds it to its
+// registers; else it stores its own part, takes the ticket, and adds the other's if that came
+// in meanwhile (both store in the race, each to its own slot). So the common case costs one fp32
+// write and one read of the tile through L2, and no block ever waits for another. Two fp32 sums
+// in either order are the same bits, so the result does not depend on who finishes first.
+// Returns whether this block writes the tile.
+template <int BT> __device__ __forceinline__ bool hand_over(const GemmArgs& a, const Segment& s, float (&acc)[BT / 2]) {
+  __shared__ int ticket;
+  constexpr int kParts = BT * kBN / 4;  // float4s per part
+  const int t = threadIdx.x - 128;      // consumer thread 0..255
+  const int side = s.kt0 > 0;
+  const int edge = blockIdx.x + 1 - side;
+  float4* mine = reinterpret_cast<float4*>(a.partials) + (size_t)(2 * edge + side) * kParts;
+  const float4* other = reinterpret_cast<const float4*>(a.partials) + (size_t)(2 * edge + 1 - side) * kParts;
+  consumers_sync();  // everyone has read the last segment's ticket
+  if (t == 0) ticket = ld_acquire(a.tickets + edge);
+  consumers_sync();
+  if (ticket == 0) {
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j)
+      mine[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+    consumers_sync();
+    if (t == 0) ticket = fetch_add_acq_rel(a.tickets + edge, 1);  // releases this part, acquires the other
+    consumers_sync();
+    if (ticket == 0) return false;  // the other part will add this one
+  }
+#pragma unroll
+  for (int j = 0; j < BT / 8; ++j) {
+    const float4 v = __ldcg(other + j * kConsumers + t);  // from L2, not a stale L1 line
+    acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
+  }
   return true;
 }
 
@@ -305,13 +408,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) - 4;  // consumer warp 0..7 (the producer's are < 0)
   const int g = lane >> 2, q = lane & 3;
-  const int tok0 = (a.channels_fastest ? blockIdx.y : blockIdx.x) * BT;
-  const int n0 = (a.channels_fastest ? blockIdx.x : blockIdx.y) * kBN;
   const int ch = 64 * (warp >> 2) + 16 * (warp & 3) + 2 * g;  // A rows g, g+8 = channels ch, ch + 1 of the block
-  const int n = n0 + ch;
-  // This block's stages: all of K, or part blockIdx.z of it.
-  const int kt0 = blockIdx.z * a.split_stages;
-  const int n_stages = min((a.K_rows + kWRows - 1) / kWRows - kt0, a.split_stages);
+  // Where tile t starts: its first token and channel.
+  auto tile_origin = [&](int t, int& tok0, int& n0) {
+    const int tx = t % a.tiles_x, ty = t / a.tiles_x;
+    tok0 = (a.channels_fastest ? ty : tx) * BT;
+    n0 = (a.channels_fastest ? tx : ty) * kBN;
+  };
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -325,26 +428,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    // Producer warpgroup, one thread: the block's stage i (k stage kt = kt0 + i) goes to slot
-    // i % S once the consumers have released the slot's previous stage (i - S):
+    // Producer warpgroup, one thread: the block's i-th stage (k stage kt of some segment's tile)
+    // goes to slot i % S once the consumers have released the slot's previous stage (i - S):
     // x[tok0 .. +BT, 64kt .. +64], W[8kt .. +8, n0 .. +128], and the scale / zero-point rows
     // [g, g + 2) of channels n0 .. +128, g the group of the stage's first k (its second k32 half
-    // is in group g or g + 1).
+    // is in group g or g + 1). The ring runs on across segments, so the next segment's stages
+    // load while the consumers finish the last one.
     if (threadIdx.x == 0) {
       const uint32_t bytes =
           TT::kXStageBytes + kWStageBytes + 2 * kBN * a.scale_bytes + (a.zeros ? kZStageBytes : 0);
-      GroupWalker groups(a, kt0 * kBK);
-      for (int i = 0; i < n_stages; ++i) {
-        const int kt = kt0 + i, slot = i % S;
-        if (i >= S) mbar_wait(empty + 8 * slot, (i / S - 1) & 1);
-        const uint32_t bar = full + 8 * slot;
-        const int grp = groups.next(a);
-        groups.next(a);
-        mbar_expect_tx(bar, bytes);
-        tma_load_2d(xs + slot * TT::kXStageBytes, &map_x, kt * kBK, tok0, bar);
-        tma_load_2d(ws + slot * kWStageBytes, &map_w, n0, kt * kWRows, bar);
-        tma_load_2d(ss + slot * kSStageBytes, &map_s, n0, grp, bar);
-        if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, grp, bar);
+      BlockWork work(a);
+      Segment seg;
+      int i = 0;
+      while (work.next(a, seg)) {
+        int tok0, n0;
+        tile_origin(seg.tile, tok0, n0);
+        GroupWalker groups(a, seg.kt0 * kBK);
+        for (int kt = seg.kt0; kt < seg.kt1; ++kt, ++i) {
+          const int slot = i % S;
+          if (i >= S) mbar_wait(empty + 8 * slot, (i / S - 1) & 1);
+          const uint32_t bar = full + 8 * slot;
+          const int grp = groups.next(a);
+          groups.next(a);
+          mbar_expect_tx(bar, bytes);
+          tma_load_2d(xs + slot * TT::kXStageBytes, &map_x, kt * kBK, tok0, bar);
+          tma_load_2d(ws + slot * kWStageBytes, &map_w, n0, kt * kWRows, bar);
+          tma_load_2d(ss + slot * kSStageBytes, &map_s, n0, grp, bar);
+          if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, grp, bar);
+        }
       }
     }
     return;
@@ -352,69 +463,92 @@ __global__ void __launch_bounds__(kThreads, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
   float acc[TT::kAcc];
-#pragma unroll
-  for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
   uint32_t regs0[4][4], regs1[4][4];
-  GroupWalker use_groups(a, kt0 * kBK);
-  // The block's stage i: wait for its copies, unpack, issue 4 wgmmas, release the previous stage's slot.
-  auto stage = [&](int i, uint32_t(&A)[4][4]) {
-    const int g0 = use_groups.next(a), row1 = use_groups.next(a) - g0;  // scale row of each k32 half
-    const int slot = i % S;
-    mbar_wait(full + 8 * slot, (i / S) & 1);  // stage i has landed
-    ChannelConsts c[2][2];
-    stage_consts<T>(a, ss_ptr + slot * kSStageBytes, zs_ptr + slot * kZStageBytes, ch, row1, c);
-    const uint8_t* wrow = ws_ptr + slot * kWStageBytes + ch * 4;
+  BlockWork work(a);
+  Segment seg;
+  int i0 = 0;  // the block's stages before this segment (the ring position)
+  // Unrolled, not a `while`: in a loop around the main loop, the epilogue's divergent branches
+  // (token and channel bounds, the hand-over ticket) made ptxas keep the stage counters and
+  // wgmma descriptors in per-thread registers instead of uniform ones (R2UR moves, +9%
+  // instructions in the main loop, 10% slower). Straight-line copies keep the single-tile SASS.
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint2 w0 = *reinterpret_cast<const uint2*>(wrow + (2 * j) * kWRowBytes);      // k 16j .. 16j+7
-      const uint2 w1 = *reinterpret_cast<const uint2*>(wrow + (2 * j + 1) * kWRowBytes);  // k 16j+8 .. 16j+15
-      const int h = j >> 1;
-      A[j][0] = dequant_pair<T>(w0.x, q, c[h][0]);  // row g,   k 2q, 2q+1
-      A[j][1] = dequant_pair<T>(w0.y, q, c[h][1]);  // row g+8
-      A[j][2] = dequant_pair<T>(w1.x, q, c[h][0]);  // row g,   k 2q+8, 2q+9
-      A[j][3] = dequant_pair<T>(w1.y, q, c[h][1]);  // row g+8
+  for (int si = 0; si < kMaxSegments; ++si) {
+    if (!work.next(a, seg)) break;
+#pragma unroll
+    for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
+    GroupWalker use_groups(a, seg.kt0 * kBK);
+    // The block's stage i: wait for its copies, unpack, issue 4 wgmmas, release the previous
+    // stage's slot (the previous segment's last one was released at its end).
+    auto stage = [&](int i, uint32_t(&A)[4][4]) {
+      const int g0 = use_groups.next(a), row1 = use_groups.next(a) - g0;  // scale row of each k32 half
+      const int slot = i % S;
+      mbar_wait(full + 8 * slot, (i / S) & 1);  // stage i has landed
+      ChannelConsts c[2][2];
+      stage_consts<T>(a, ss_ptr + slot * kSStageBytes, zs_ptr + slot * kZStageBytes, ch, row1, c);
+      const uint8_t* wrow = ws_ptr + slot * kWStageBytes + ch * 4;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint2 w0 = *reinterpret_cast<const uint2*>(wrow + (2 * j) * kWRowBytes);      // k 16j .. 16j+7
+        const uint2 w1 = *reinterpret_cast<const uint2*>(wrow + (2 * j + 1) * kWRowBytes);  // k 16j+8 .. 16j+15
+        const int h = j >> 1;
+        A[j][0] = dequant_pair<T>(w0.x, q, c[h][0]);  // row g,   k 2q, 2q+1
+        A[j][1] = dequant_pair<T>(w0.y, q, c[h][1]);  // row g+8
+        A[j][2] = dequant_pair<T>(w1.x, q, c[h][0]);  // row g,   k 2q+8, 2q+9
+        A[j][3] = dequant_pair<T>(w1.y, q, c[h][1]);  // row g+8
+      }
+      // Every input of the 4 wgmmas is computed before the first: an instruction writing one of
+      // them in between makes ptxas serialize the wgmmas (warning C7513).
+      uint64_t desc[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // + 32 bytes per k16 step (the address field counts 16 B)
+        desc[j] = make_desc(xs + slot * TT::kXStageBytes) + 2 * j;
+        asm volatile("" : "+l"(desc[j]));
+      }
+      wgmma_fence();
+      fence_acc(acc);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Mma::mma(acc, A[j], desc[j]);
+      wgmma_commit();
+      fence_acc(acc);
+      wgmma_wait<1>();  // stage i - 1's group is done: its A registers and its slot are free
+      if (i > i0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % S));
+    };
+
+    // No condition between the two halves: ptxas must see that regs0 is only rewritten after the
+    // wait that retires the group reading it.
+    const int i1 = i0 + seg.kt1 - seg.kt0;
+    int i = i0;
+    for (; i + 1 < i1; i += 2) {
+      stage(i, regs0);
+      stage(i + 1, regs1);
     }
-    // Every input of the 4 wgmmas is computed before the first: an instruction writing one of
-    // them in between makes ptxas serialize the wgmmas (warning C7513).
-    uint64_t desc[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // + 32 bytes per k16 step (the address field counts 16 B)
-      desc[j] = make_desc(xs + slot * TT::kXStageBytes) + 2 * j;
-      asm volatile("" : "+l"(desc[j]));
-    }
-    wgmma_fence();
+    if (i < i1) stage(i, regs0);
+    wgmma_wait<0>();
     fence_acc(acc);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) Mma::mma(acc, A[j], desc[j]);
-    wgmma_commit();
-    fence_acc(acc);
-    wgmma_wait<1>();  // stage i - 1's group is done: its A registers and its slot are free
-    if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % S));
-  };
+    if (lane == 0) mbar_arrive(empty + 8 * ((i1 - 1) % S));
+    i0 = i1;
 
-  // No condition between the two halves: ptxas must see that regs0 is only rewritten after the
-  // wait that retires the group reading it.
-  int i = 0;
-  for (; i + 1 < n_stages; i += 2) {
-    stage(i, regs0);
-    stage(i + 1, regs1);
-  }
-  if (i < n_stages) stage(i, regs0);
-  wgmma_wait<0>();
-  fence_acc(acc);
+    // Whether this block writes the tile: a part of a split tile only if it is the last one in.
+    bool write = true;
+    if (a.splits > 1)
+      write = reduce_parts<BT>(a, acc);
+    else if (seg.kt1 - seg.kt0 < a.tile_stages)
+      write = hand_over<BT>(a, seg, acc);
 
-  if (a.splits > 1 && !reduce_parts<BT>(a, acc)) return;
-
-  // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
-  if (n < a.N) {
-    T* out = static_cast<T*>(a.out);
+    // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
+    int tok0, n0;
+    tile_origin(seg.tile, tok0, n0);
+    const int n = n0 + ch;
+    if (write && n < a.N) {
+      T* out = static_cast<T*>(a.out);
 #pragma unroll
-    for (int c = 0; c < BT / 8; ++c) {
+      for (int c = 0; c < BT / 8; ++c) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = tok0 + 8 * c + 2 * q + e;
-        if (tok < a.M)
-          *reinterpret_cast<uint32_t*>(out + (size_t)tok * a.ld + n) = Pair<T>::pack(acc[4 * c + e], acc[4 * c + 2 + e]);
+        for (int e = 0; e < 2; ++e) {
+          const int tok = tok0 + 8 * c + 2 * q + e;
+          if (tok < a.M)
+            *reinterpret_cast<uint32_t*>(out + (size_t)tok * a.ld + n) = Pair<T>::pack(acc[4 * c + e], acc[4 * c + 2 + e]);
+        }
       }
     }
   }
@@ -448,7 +582,8 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BT> cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
+// sk_blocks > 0: a stream-K launch of that many blocks (a.sk_tile0 says where its shared tiles start).
+template <typename T, int BT> cudaError_t launch(GemmArgs a, int sk_blocks, cudaStream_t stream) {
   CUtensorMap map_x, map_w, map_s, map_z = {};
   if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
@@ -461,18 +596,32 @@ template <typename T, int BT> cudaError_t launch(const GemmArgs& a, cudaStream_t
   auto kernel = w4a16_gemm_sm90_kernel<T, BT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // Blocks that run together should share the operand that does not fit in L2: with x larger
-  // than W (4M > N), consecutive blocks take consecutive channel tiles of the same tokens, so a
+  // Tiles that run together should share the operand that does not fit in L2: with x larger
+  // than W (4M > N), consecutive tiles are consecutive channel tiles of the same tokens, so a
   // wave reads a slab of x once and re-reads W (4096x4096, M = 4096: x is 32 MB, W 8 MB);
   // otherwise consecutive token tiles of the same channels.
   const int token_tiles = (a.M + BT - 1) / BT, ch_tiles = (a.N + kBN - 1) / kBN;
-  const dim3 grid = a.channels_fastest ? dim3(ch_tiles, token_tiles, a.splits) : dim3(token_tiles, ch_tiles, a.splits);
+  a.tiles = token_tiles * ch_tiles;
+  a.tiles_x = a.channels_fastest ? ch_tiles : token_tiles;
+  a.tile_stages = (a.K_rows + kWRows - 1) / kWRows;
+  // A stream-K launch has one block per SM; the tiles before a.sk_tile0 (whole waves) run first,
+  // one per block, in a launch of their own.
+  dim3 grid(a.tiles_x, a.tiles / a.tiles_x, a.splits);
+  if (sk_blocks > 0) {
+    grid = dim3(sk_blocks);
+    if (a.sk_tile0 > 0) {
+      GemmArgs whole = a;
+      whole.sk_tile0 = -1;
+      kernel<<<dim3(a.sk_tile0), kThreads, Tile<BT>::kSmemBytes, stream>>>(whole, map_x, map_w, map_s, map_z);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
   kernel<<<grid, kThreads, Tile<BT>::kSmemBytes, stream>>>(a, map_x, map_w, map_s, map_z);
   return cudaGetLastError();
 }
 
-template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, cudaStream_t stream) {
-  return tile_tokens == 256 ? launch<T, 256>(a, stream) : launch<T, 128>(a, stream);
+template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, int sk_blocks, cudaStream_t stream) {
+  return tile_tokens == 256 ? launch<T, 256>(a, sk_blocks, stream) : launch<T, 128>(a, sk_blocks, stream);
 }
 
 // The channels [n0, n0 + N) of the GEMM: every pointer moves to channel n0, strides stay.
@@ -499,22 +648,42 @@ GemmArgs channel_slice(GemmArgs a, int n0, int N) {
 //   * a last wave at most half full (6144x4096 at M = 1024: 192 tiles of 256 tokens, 60 in the
 //     second wave) costs a whole wave for little work: the channel tiles of that wave run as a
 //     second launch of 128-token tiles (twice the blocks, half the work each, one wave).
+//   * stream-K (BlockWork, hand_over) where the last wave would leave the SMs idle for at least
+//     kMinStreamKIdle stages each and all tiles share one token tile: 28672x8192 at M <= 256,
+//     224 tiles of 128 stages, 8-9% faster on an H200. Each cut tile costs a part's fp32 round
+//     trip through L2 and each extra segment a pipeline drain (~20 stages in all, measured), and
+//     with several token tiles the blocks, out of step along K, no longer share x and W in L2
+//     (4096x14336 at M = 2048: 14% slower), so it is not the general rule.
 // Measured on an H200 (notes/cuda_backend.md, session 8): splitting K in 2 instead, for the last
 // wave or for 6144x4096 at M = 256, was no faster (82 vs 82 us) or slower (34 vs 30 us): the
 // parts' fp32 round trip through L2 costs about what the split saves when it only doubles the
-// blocks.
-// INT4OPS_GEMM_SPLIT_K=0 (read in api.cu) turns splitting off; tile_tokens forces the tile.
-constexpr int kMinSplitStages = 8, kMaxSplits = 8;
+// blocks; stream-K tied with the last-wave split at 6144x4096, M = 1024 (session 9).
+// INT4OPS_GEMM_SPLIT_K=0 and INT4OPS_GEMM_STREAM_K=0|1 (read in api.cu) turn splitting off and
+// force stream-K off or on (wherever the last wave is not full); tile_tokens forces the tile.
+constexpr int kMinSplitStages = 8, kMaxSplits = 8, kMinStreamKIdle = 32;
 
-GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int sm_count) {
+GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int stream_k, int sm_count) {
   GemmPlan p;
   const int ch_tiles = (N + kBN - 1) / kBN;
   const long tiles256 = (long)((M + 255) / 256) * ch_tiles;
   p.tile_tokens = tile_tokens ? tile_tokens : (M <= 128 || 2 * tiles256 <= sm_count ? 128 : 256);
   const int token_tiles = (M + p.tile_tokens - 1) / p.tile_tokens;
   const long tiles = (long)token_tiles * ch_tiles;
+  const int stages = (K_rows + kWRows - 1) / kWRows;
   if (tiles >= sm_count) {
     const long rem = tiles % sm_count;
+    // Stages each SM would sit idle in the last wave, on average.
+    const long idle = rem > 0 ? (sm_count - rem) * stages / sm_count : 0;
+    const bool sk = stream_k == 1 || (stream_k < 0 && token_tiles == 1 && idle >= kMinStreamKIdle);
+    if (rem > 0 && sk && tiles * stages < INT_MAX / 2) {
+      // Stream-K over the last wave and one full wave before it (BlockWork).
+      p.sk_blocks = sm_count;  // the shared tiles are >= sm_count and < 2 * sm_count
+      p.sk_tile0 = (int)(tiles - sm_count - rem);
+      p.splits = 2;
+      p.partials_bytes = (size_t)(sm_count + 1) * 2 * p.tile_tokens * kBN * sizeof(float);
+      p.workspace_bytes = p.partials_bytes + (size_t)(sm_count + 1) * sizeof(int);
+      return p;
+    }
     if (p.tile_tokens == 256 && rem > 0 && 2 * rem <= sm_count) {
       const int c1 = (int)((tiles - rem) / token_tiles);  // channel tiles of the full waves
       const int c2 = ch_tiles - c1;
@@ -522,7 +691,6 @@ GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k,
     }
     return p;
   }
-  const int stages = (K_rows + kWRows - 1) / kWRows;
   const int splits = split_k ? (int)std::min<long>(std::min(kMaxSplits, stages / kMinSplitStages), sm_count / tiles) : 1;
   if (splits < 2) return p;
   p.split_stages = (stages + splits - 1) / splits;
@@ -555,19 +723,23 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
   auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
   if (plan.ch_tiles1) {
     const int n1 = plan.ch_tiles1 * kBN;
-    cudaError_t err = run(channel_slice(a, 0, n1), 256, stream);
+    cudaError_t err = run(channel_slice(a, 0, n1), 256, 0, stream);
     if (err != cudaSuccess) return err;
-    return run(channel_slice(a, n1, N - n1), 128, stream);
+    return run(channel_slice(a, n1, N - n1), 128, 0, stream);
   }
   if (plan.splits > 1) {
-    a.splits = plan.splits;
-    a.split_stages = plan.split_stages;
+    if (plan.sk_blocks) {
+      a.sk_tile0 = plan.sk_tile0;  // the kernel's own split count stays 1: hand_over, not reduce_parts
+    } else {
+      a.splits = plan.splits;
+      a.split_stages = plan.split_stages;
+    }
     a.partials = static_cast<float*>(workspace);
     a.tickets = reinterpret_cast<int*>(static_cast<char*>(workspace) + plan.partials_bytes);
     cudaError_t err = cudaMemsetAsync(a.tickets, 0, plan.workspace_bytes - plan.partials_bytes, stream);
     if (err != cudaSuccess) return err;
   }
-  return run(a, plan.tile_tokens, stream);
+  return run(a, plan.tile_tokens, plan.sk_blocks, stream);
 }
 
 }  // namespace int4ops

@@ -428,10 +428,12 @@ def _gemm_plan(m, n, k_rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sm90_gemm_last_wave_split(dtype):
-    """6144 channels at M = 1000: 192 tiles of 256 tokens on a 132-SM GPU, so the channel tiles of
-    the half-empty last wave run as a second launch of 128-token tiles (gemm_sm90_plan)."""
+def test_sm90_gemm_last_wave_split(dtype, monkeypatch):
+    """6144 channels at M = 1000: 192 tiles of 256 tokens on a 132-SM GPU; without stream-K the
+    channel tiles of the half-empty last wave run as a second launch of 128-token tiles
+    (gemm_sm90_plan)."""
     _need_sm90_gemm()
+    monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "0")
     w = _weight(6144, 512, 128, False, dtype)
     assert _gemm_plan(1000, 6144, 64) == (1, 0)  # no K split, no workspace
     x = torch.randn(1000, 512, device="cuda", dtype=dtype)
@@ -462,6 +464,40 @@ def test_sm90_gemm_split_k(m, n, k, group_size, dtype, monkeypatch):
     assert _gemm_plan(m, n, w.qweight.shape[0]) == (1, 0)
     whole = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
     assert rel_err(whole, ref) <= TOL[dtype]
+    assert rel_err(y, whole.float()) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["all-shared", "whole-wave-first", "tails"])
+def test_sm90_gemm_stream_k(case, dtype, monkeypatch):
+    """Stream-K (a last wave that would leave SMs idle; gemm_sm90_plan): one block per SM, each
+    running an even share of the stages, the tiles cut by a block edge added up by hand_over.
+    Shapes from the SM count: 'all-shared' has 1.33 waves of 128-token tiles, all shared out;
+    'whole-wave-first' has 2 waves + 10 tiles of 256 tokens, so one wave runs whole tiles first
+    and K ends past K (4104); 'tails' has partial token tiles, per-channel scales, no zero points.
+    Checked against the reference and the same call without stream-K, and bitwise repeatable."""
+    _need_sm90_gemm()
+    sm = cuda._sm_count(torch.cuda.current_device())
+    m, n, k, group_size, sym = {
+        "all-shared": (100, 128 * (sm + sm // 3 + 1), 1000, 64, False),
+        "whole-wave-first": (300, 128 * (sm + 5), 4104, 128, False),
+        "tails": (1000, 128 * (sm // 2 + 3), 776, -1, True),
+    }[case]
+    w = _weight(n, k, group_size, sym, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "1")
+    parts, ws = _gemm_plan(m, n, w.qweight.shape[0])
+    assert parts == 2 and ws > 0
+    ref = w4a16_matmul_reference(x.float(), w)
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+    assert rel_err(y, ref) <= TOL[dtype]
+    for _ in range(3):
+        again = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+        assert torch.equal(again, y)
+    monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "0")
+    assert _gemm_plan(m, n, w.qweight.shape[0])[0] == 1
+    whole = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
     assert rel_err(y, whole.float()) <= TOL[dtype]
 
 

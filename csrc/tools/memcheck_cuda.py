@@ -40,14 +40,20 @@ def main():
                 log.info("N=%d K=%d gs=%d sym=%s M=%d %s%s %s rel_err=%.2e", n, k, gs, sym, m, decode, tile, dtype, err)
         cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
     # (256, 1000) above runs the GEMM with K split in 2 (2-3 tiles). Here 192 tiles of 256 tokens
-    # on a 132-SM GPU: the last wave's 15 channel tiles run as a second launch of 128-token tiles.
+    # on a 132-SM GPU: stream-K (one block per SM, tiles cut by block edges handed over through
+    # the workspace), and without it the last wave's 15 channel tiles as a second launch of
+    # 128-token tiles.
     os.environ["INT4OPS_GEMM_TILE_TOKENS"] = ""
     w = quantize_rtn(torch.randn(6144, 1024, device="cuda") * 0.05, group_size=128, sym=False)
-    for dtype in (torch.float16, torch.bfloat16):
-        x = torch.randn(1000, 1024, device="cuda", dtype=dtype)
-        y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
-        ref = w4a16_matmul_reference(x.float(), w)
-        log.info("N=6144 K=1024 M=1000 %s rel_err=%.2e", dtype, ((y.float() - ref).norm() / ref.norm()).item())
+    for stream_k in ("1", "0"):
+        os.environ["INT4OPS_GEMM_STREAM_K"] = stream_k
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(1000, 1024, device="cuda", dtype=dtype)
+            y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
+            ref = w4a16_matmul_reference(x.float(), w)
+            log.info("N=6144 K=1024 M=1000 stream-K=%s %s rel_err=%.2e", stream_k, dtype,
+                     ((y.float() - ref).norm() / ref.norm()).item())
+    os.environ.pop("INT4OPS_GEMM_STREAM_K")
     torch.cuda.synchronize()
     log.info("done")
 
