@@ -40,7 +40,7 @@ struct GemmPlan {
   int splits = 1;              // K parts per tile (1: no split, no workspace)
   int split_stages = 1 << 30;  // 64-k stages per part
   int sk_blocks = 0;           // > 0: stream-K, one launch of this many blocks (splits = 2: a tile has at most 2 parts)
-  int sk_tile0 = -1;           // stream-K: tiles below this one run whole, round-robin
+  int sk_tile0 = -1;           // stream-K: tiles below this one run first, whole, one per block, in a launch of their own
   size_t partials_bytes = 0, workspace_bytes = 0;
 };
 
