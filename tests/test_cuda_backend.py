@@ -441,6 +441,29 @@ def test_sm90_gemm_last_wave_split(dtype, monkeypatch):
     assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[dtype]
 
 
+def _check_parts(x, w, k, group_size, parts_ok, off_env, monkeypatch):
+    """A call whose plan adds tile parts (parts_ok(parts), with a workspace) matches the
+    reference, gives the same bits on every call, and matches the call with off_env=0, which
+    adds no parts."""
+    m, n, k_rows = x.shape[0], w.qweight.shape[1], w.qweight.shape[0]
+    parts, ws = _gemm_plan(m, n, k_rows)
+    assert parts_ok(parts) and ws > 0
+
+    def call():
+        return cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), x.dtype, "cuda"))
+
+    ref = w4a16_matmul_reference(x.float(), w)
+    y = call()
+    assert rel_err(y, ref) <= TOL[x.dtype]
+    for _ in range(3):
+        assert torch.equal(call(), y)
+    monkeypatch.setenv(off_env, "0")
+    assert _gemm_plan(m, n, k_rows) == (1, 0)
+    whole = call()
+    assert rel_err(whole, ref) <= TOL[x.dtype]
+    assert rel_err(y, whole.float()) <= TOL[x.dtype]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k,group_size", [(64, 4096, 4096, 128), (300, 1024, 4104, 64), (17, 256, 1000, -1),
@@ -452,19 +475,7 @@ def test_sm90_gemm_split_k(m, n, k, group_size, dtype, monkeypatch):
     _need_sm90_gemm()
     w = _weight(n, k, group_size, False, dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    parts, ws = _gemm_plan(m, n, w.qweight.shape[0])
-    assert parts > 1 and ws > 0
-    ref = w4a16_matmul_reference(x.float(), w)
-    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-    assert rel_err(y, ref) <= TOL[dtype]
-    for _ in range(3):
-        again = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-        assert torch.equal(again, y)
-    monkeypatch.setenv("INT4OPS_GEMM_SPLIT_K", "0")
-    assert _gemm_plan(m, n, w.qweight.shape[0]) == (1, 0)
-    whole = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-    assert rel_err(whole, ref) <= TOL[dtype]
-    assert rel_err(y, whole.float()) <= TOL[dtype]
+    _check_parts(x, w, k, group_size, lambda parts: parts > 1, "INT4OPS_GEMM_SPLIT_K", monkeypatch)
 
 
 @pytest.mark.gpu
@@ -487,18 +498,7 @@ def test_sm90_gemm_stream_k(case, dtype, monkeypatch):
     w = _weight(n, k, group_size, sym, dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "1")
-    parts, ws = _gemm_plan(m, n, w.qweight.shape[0])
-    assert parts == 2 and ws > 0
-    ref = w4a16_matmul_reference(x.float(), w)
-    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-    assert rel_err(y, ref) <= TOL[dtype]
-    for _ in range(3):
-        again = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-        assert torch.equal(again, y)
-    monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "0")
-    assert _gemm_plan(m, n, w.qweight.shape[0])[0] == 1
-    whole = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
-    assert rel_err(y, whole.float()) <= TOL[dtype]
+    _check_parts(x, w, k, group_size, lambda parts: parts == 2, "INT4OPS_GEMM_STREAM_K", monkeypatch)
 
 
 @pytest.mark.gpu
