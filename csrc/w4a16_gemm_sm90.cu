@@ -264,6 +264,23 @@ __device__ __forceinline__ int fetch_add_acq_rel(int* p, int v) {
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
 
+// A tile's fp32 partial sum in the workspace (split K and stream-K alike): kPartVecs float4s,
+// float4 j of consumer thread t at [j * kConsumers + t], so a warp's store is one contiguous
+// 512-byte piece. Parts are read from L2 (__ldcg: not a stale L1 line).
+template <int BT> constexpr int kPartVecs = BT * kBN / 4;
+template <int BT> __device__ __forceinline__ void store_part(float4* part, int t, const float (&acc)[BT / 2]) {
+#pragma unroll
+  for (int j = 0; j < BT / 8; ++j)
+    part[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+}
+template <int BT> __device__ __forceinline__ void add_part(const float4* part, int t, float (&acc)[BT / 2]) {
+#pragma unroll
+  for (int j = 0; j < BT / 8; ++j) {
+    const float4 v = __ldcg(part + j * kConsumers + t);
+    acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
+  }
+}
+
 // Split K: the blocks of a tile (blockIdx.z = 0 .. splits - 1) each hold a partial sum of it.
 // Each stores its part in fp32 to its own slot of the workspace and takes a ticket; the last to
 // arrive adds the parts in slot order (the same order whoever arrives last, so the result is
@@ -272,35 +289,23 @@ __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;
 // No block waits for another, so nothing depends on which blocks run at the same time. Used for
 // tiles that would otherwise leave SMs idle (gemm_sm90_launch): the parts cost one fp32 write of
 // the tile each, and the last block reads them back from L2.
-// Slot layout: float4 j of consumer thread t at [j * kConsumers + t], so a warp's store is one
-// contiguous 512-byte piece.
 template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a, float (&acc)[BT / 2]) {
   __shared__ int ticket;
   const int t = threadIdx.x - 128;  // consumer thread 0..255
   const int tile = blockIdx.x + gridDim.x * blockIdx.y;
-  float4* slots = reinterpret_cast<float4*>(a.partials) + (size_t)tile * a.splits * (BT * kBN / 4);
-  float4* mine = slots + (size_t)blockIdx.z * (BT * kBN / 4);
-#pragma unroll
-  for (int j = 0; j < BT / 8; ++j)
-    mine[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+  float4* slots = reinterpret_cast<float4*>(a.partials) + (size_t)tile * a.splits * kPartVecs<BT>;
+  store_part<BT>(slots + (size_t)blockIdx.z * kPartVecs<BT>, t, acc);
   consumers_sync();  // consumers only: the producer has left
   if (t == 0) ticket = fetch_add_acq_rel(a.tickets + tile, 1);  // releases this part, acquires the others
   consumers_sync();
   if (ticket != a.splits - 1) return false;
-  // Every part from L2 (__ldcg: not a stale L1 line), this block's own too, added in slot order
-  // into acc (free again: it was stored above). Parts outside, the tile's float4s inside: the
-  // loads of one part are independent and overlap; the other order waits out the L2 latency
-  // once per load (128 loads in a row per thread: it made the split calls ~10-20 us slower).
+  // Every part, this block's own too, added in slot order into acc (free again: it was stored
+  // above). Parts outside, the tile's float4s inside: the loads of one part are independent and
+  // overlap; the other order waits out the L2 latency once per load (128 loads in a row per
+  // thread: it made the split calls ~10-20 us slower).
 #pragma unroll
   for (int i = 0; i < BT / 2; ++i) acc[i] = 0.0f;
-  for (int z = 0; z < a.splits; ++z) {
-    const float4* part = slots + (size_t)z * (BT * kBN / 4) + t;
-#pragma unroll
-    for (int j = 0; j < BT / 8; ++j) {
-      const float4 v = __ldcg(part + j * kConsumers);
-      acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
-    }
-  }
+  for (int z = 0; z < a.splits; ++z) add_part<BT>(slots + (size_t)z * kPartVecs<BT>, t, acc);
   if (t == 0) a.tickets[tile] = 0;
   return true;
 }
@@ -357,29 +362,22 @@ struct BlockWork {
 // Returns whether this block writes the tile.
 template <int BT> __device__ __forceinline__ bool hand_over(const GemmArgs& a, const Segment& s, float (&acc)[BT / 2]) {
   __shared__ int ticket;
-  constexpr int kParts = BT * kBN / 4;  // float4s per part
-  const int t = threadIdx.x - 128;      // consumer thread 0..255
+  const int t = threadIdx.x - 128;  // consumer thread 0..255
   const int side = s.kt0 > 0;
   const int edge = blockIdx.x + 1 - side;
-  float4* mine = reinterpret_cast<float4*>(a.partials) + (size_t)(2 * edge + side) * kParts;
-  const float4* other = reinterpret_cast<const float4*>(a.partials) + (size_t)(2 * edge + 1 - side) * kParts;
+  float4* mine = reinterpret_cast<float4*>(a.partials) + (size_t)(2 * edge + side) * kPartVecs<BT>;
+  const float4* other = reinterpret_cast<const float4*>(a.partials) + (size_t)(2 * edge + 1 - side) * kPartVecs<BT>;
   consumers_sync();  // everyone has read the last segment's ticket
   if (t == 0) ticket = ld_acquire(a.tickets + edge);
   consumers_sync();
   if (ticket == 0) {
-#pragma unroll
-    for (int j = 0; j < BT / 8; ++j)
-      mine[j * kConsumers + t] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+    store_part<BT>(mine, t, acc);
     consumers_sync();
     if (t == 0) ticket = fetch_add_acq_rel(a.tickets + edge, 1);  // releases this part, acquires the other
     consumers_sync();
     if (ticket == 0) return false;  // the other part will add this one
   }
-#pragma unroll
-  for (int j = 0; j < BT / 8; ++j) {
-    const float4 v = __ldcg(other + j * kConsumers + t);  // from L2, not a stale L1 line
-    acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
-  }
+  add_part<BT>(other, t, acc);
   return true;
 }
 

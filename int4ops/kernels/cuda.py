@@ -354,6 +354,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _pointers(*tensors):
+    """The C ABI's pointer arguments: each tensor's data pointer, None (NULL) for a missing one."""
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
 def _planned_workspace(plan, m: int, n: int, k_rows: int, device: torch.device):
     """Ask a kernel's plan function (``int4ops_*_plan(M, N, K_rows, sm_count, &bytes)``) how it
     splits this shape and how much scratch memory that needs; the workspace comes from torch's
@@ -401,8 +406,8 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
         raise ValueError(f"{ENV_DECODE} must be 'mma' or 'gemv', got {decode!r}")
     max_m = MMA_MAX_M if decode == "mma" else GEMV_MAX_M
     if m > max_m and _large_m_path(lib, x, qweight, scales, zeros, out) == "fused":
-        # Where its tiles would leave SMs idle the GEMM splits K and adds the parts through a
-        # scratch workspace (fp32 parts + per-tile counters); the plan says how big.
+        # Where its tiles would leave SMs idle the GEMM splits K (or runs stream-K) and adds the
+        # parts of a tile through a scratch workspace (fp32 parts + counters); the plan says how big.
         parts, workspace, ws_bytes = _planned_workspace(
             lib.handle.int4ops_w4a16_gemm_sm90_plan, m, n, qweight.shape[0], x.device
         )
@@ -410,12 +415,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
             _check(lib, parts)
         with torch.cuda.device(x.device):
             rc = lib.handle.int4ops_w4a16_gemm_sm90(
-                x.data_ptr(),
-                qweight.data_ptr(),
-                scales.data_ptr(),
-                None if zeros is None else zeros.data_ptr(),
-                out.data_ptr(),
-                None if workspace is None else workspace.data_ptr(),
+                *_pointers(x, qweight, scales, zeros, out, workspace),
                 ws_bytes,
                 m,
                 n,
@@ -454,12 +454,7 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features: int, group_size: int, o
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         rc = run(
-            x.data_ptr(),
-            qweight.data_ptr(),
-            scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(),
-            out.data_ptr(),
-            None if workspace is None else workspace.data_ptr(),
+            *_pointers(x, qweight, scales, zeros, out, workspace),
             m,
             n,
             k,
