@@ -46,7 +46,8 @@ int check_decode_args(char (&prefix)[256], const char* kernel, int max_m, const 
 const void* gemv_probe_kernel();  // w4a16_gemv.cu
 #ifdef INT4OPS_HAS_SM90A
 // w4a16_gemm_sm90.cu
-GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int stream_k, int sm_count);
+GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int stream_k, bool pairs,
+                        int sm_count);
 cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qweight, const void* scales,
                              const void* zeros, void* out, void* workspace, int M, int N, int K, int K_rows,
                              int group_size, int act_dtype, int scale_dtype, cudaStream_t stream);
@@ -114,7 +115,9 @@ extern "C" int int4ops_w4a16_gemm_sm90_supported(int device) {
 #ifdef INT4OPS_HAS_SM90A
 // The GEMM's plan for this shape; the environment can force a tile (INT4OPS_GEMM_TILE_TOKENS=128|256),
 // turn K splitting off (INT4OPS_GEMM_SPLIT_K=0) or force stream-K off or on where it applies
-// (INT4OPS_GEMM_STREAM_K=0|1), for tests and benchmarks.
+// (INT4OPS_GEMM_STREAM_K=0|1), run a last wave as 128-token tiles instead of clusters of two K
+// parts (INT4OPS_GEMM_PAIRS=0), or start a second launch only after the first (INT4OPS_PDL=0), for
+// tests and benchmarks.
 static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
   int tile_tokens = 0;
   const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS");
@@ -122,7 +125,12 @@ static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
   const char* split = getenv("INT4OPS_GEMM_SPLIT_K");
   const char* sk = getenv("INT4OPS_GEMM_STREAM_K");
   const int stream_k = sk && *sk ? (sk[0] == '0' ? 0 : 1) : -1;
-  return gemm_sm90_plan(M, N, K_rows, tile_tokens, !(split && split[0] == '0'), stream_k, sm_count);
+  const char* pairs = getenv("INT4OPS_GEMM_PAIRS");
+  GemmPlan plan = gemm_sm90_plan(M, N, K_rows, tile_tokens, !(split && split[0] == '0'), stream_k,
+                                 !(pairs && pairs[0] == '0'), sm_count);
+  const char* pdl = getenv("INT4OPS_PDL");
+  plan.pdl = !(pdl && pdl[0] == '0');
+  return plan;
 }
 #endif
 

@@ -37,10 +37,12 @@ inline int dtype_bytes(int code) { return code == INT4OPS_F32 ? 4 : 2; }
 struct GemmPlan {
   int tile_tokens = 256;       // 128 or 256
   int ch_tiles1 = 0;           // > 0: channel tiles [0, ch_tiles1) in one launch, the rest in a second of 128-token tiles
+  bool tail_pairs = false;     // ch_tiles1: the second launch's tiles are 256 tokens, K in 2 parts per cluster of 2 blocks
   int splits = 1;              // K parts per tile (1: no split, no workspace)
   int split_stages = 1 << 30;  // 64-k stages per part
   int sk_blocks = 0;           // > 0: stream-K, one launch of this many blocks (splits = 2: a tile has at most 2 parts)
   int sk_tile0 = -1;           // stream-K: tiles below this one run first, whole, one per block, in a launch of their own
+  bool pdl = true;             // a second launch (ch_tiles1, sk_tile0) starts as the first one's blocks leave (INT4OPS_PDL=0: after it)
   size_t partials_bytes = 0, workspace_bytes = 0;
 };
 

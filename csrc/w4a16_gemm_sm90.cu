@@ -25,7 +25,9 @@
 //   * setmaxnreg moves registers from the producer (40) to the consumers (232).
 //   * Where tiles are fewer than SMs, blocks split K (reduce_parts); where a last wave would
 //     leave SMs idle long enough, a stream-K launch shares the stages out evenly and a block
-//     may run up to three segments of different tiles (BlockWork, hand_over); gemm_sm90_plan
+//     may run up to three segments of different tiles (BlockWork, hand_over); a half-empty last
+//     wave runs as a second launch of tiles whose K is cut in two, the two blocks of a tile a
+//     cluster that adds up through distributed shared memory (swap_halves). gemm_sm90_plan
 //     picks. The ring and its barriers run on across segments.
 // No block-wide barrier after setup. Every step, measured on an H100 (notes, session 7): the
 // first version with cp.async and __syncthreads ran at 0.35-0.55x of cuBLAS; TMA, the producer
@@ -76,7 +78,8 @@ template <int BT> struct Tile {
   static constexpr int kStages = BT == 256 ? 5 : 8;  // ~190 KB / ~170 KB of shared memory
   static constexpr int kXStageBytes = BT * 128;
   static constexpr int kSmemBytes =
-      kStages * (kXStageBytes + kWStageBytes + kSStageBytes + kZStageBytes + 16) + 1024;  // + mbarriers, alignment slack
+      kStages * (kXStageBytes + kWStageBytes + kSStageBytes + kZStageBytes + 16) + 16 + 1024;  // + mbarriers, alignment slack
+  static constexpr int kHalfBytes = BT / 2 * kBN * 4;  // half a tile's tokens in fp32 (swap_halves)
   static constexpr int kAcc = BT / 2;  // fp32 accumulators per thread
 };
 
@@ -94,6 +97,12 @@ struct GemmArgs {
   int tile_stages;        // 64-k stages of a whole tile (all of K)
   // Split K (reduce_parts): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
   int splits = 1, split_stages = 1 << 30;
+  // The two K parts (splits = 2) of each tile are a cluster of 2 blocks and add up through
+  // distributed shared memory (swap_halves), not the workspace.
+  bool pair = false;
+  // Programmatic dependent launch (launch_grid): the next launch of this call may start early /
+  // this launch started early.
+  bool next_early = false, early = false;
   // Stream-K (BlockWork, hand_over): the stages of tiles [sk_tile0, tiles) are shared out evenly
   // over the blocks. -1: one tile (or K part) per block.
   int sk_tile0 = -1;
@@ -264,6 +273,40 @@ __device__ __forceinline__ int fetch_add_acq_rel(int* p, int v) {
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
 
+// --- A tile's two K parts in a cluster of two blocks (GemmArgs::pair) -------------------------
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The address of shared-memory location `addr` in cluster block `rank`.
+__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_peer(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// 16 bytes into the peer's shared memory, counted on the peer's mbarrier `bar` when they land.
+__device__ __forceinline__ void st_async(uint32_t addr, float a, float b, float c, float d, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(addr),
+               "f"(a), "f"(b), "f"(c), "f"(d), "r"(bar)
+               : "memory");
+}
+
 // A tile's fp32 partial sum in the workspace (split K and stream-K alike): kPartVecs float4s,
 // float4 j of consumer thread t at [j * kConsumers + t], so a warp's store is one contiguous
 // 512-byte piece. Parts are read from L2 (__ldcg: not a stale L1 line).
@@ -308,6 +351,53 @@ template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a
   for (int z = 0; z < a.splits; ++z) add_part<BT>(slots + (size_t)z * kPartVecs<BT>, t, acc);
   if (t == 0) a.tickets[tile] = 0;
   return true;
+}
+
+// A tile's K in two parts, one per block of a cluster of two (the last wave's tiles, where two
+// parts per tile fit one wave; gemm_sm90_launch). Rank 0 writes the tile's first BT / 2 tokens
+// (c < BT / 16 in the accumulator layout), rank 1 the rest. Each block sends the half it does
+// not write straight into the other's x ring, free once both are done with the main loop:
+//   1. each consumer warp, its wgmmas retired, tells the peer that this block's ring is free
+//      (peer_free there counts 8 arrivals);
+//   2. once the peer's ring is free, st.async copies the half (BT / 2 x 128 fp32, 64 KB at
+//      BT = 256) into it, counted in bytes on the peer's data_in barrier (armed for that many at
+//      setup, so it does not matter which comes first);
+//   3. once the peer's half has landed here, it is added to the half this block writes.
+// Thread t sends to thread t (same channels and tokens in both blocks), float4 j of the half at
+// [j * kConsumers + t], so a warp's accesses are contiguous. No workspace, no L2 round trip, and
+// neither block exits while the other may still write into it (each waits for its data_in).
+// a + b == b + a in fp32, so both blocks' halves are what one block adding both parts would have.
+template <int BT, int kGive, int kKeep>
+__device__ __forceinline__ void swap_halves_at(float (&acc)[BT / 2], uint32_t xs, uint32_t peer_free, uint32_t data_in,
+                                               uint32_t peer) {
+  const int t = threadIdx.x - 128;
+  mbar_wait_cluster(peer_free, 0);
+  const uint32_t dst = peer_addr(xs, peer), bar = peer_addr(data_in, peer);
+#pragma unroll
+  for (int j = 0; j < BT / 16; ++j) {
+    const int c = kGive + j;
+    st_async(dst + (j * kConsumers + t) * 16, acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3], bar);
+  }
+  mbar_wait_cluster(data_in, 0);
+#pragma unroll
+  for (int j = 0; j < BT / 16; ++j) {
+    const int c = kKeep + j;
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(xs + (j * kConsumers + t) * 16)
+                 : "memory");
+    acc[4 * c] += v.x, acc[4 * c + 1] += v.y, acc[4 * c + 2] += v.z, acc[4 * c + 3] += v.w;
+  }
+}
+template <int BT>
+__device__ __forceinline__ void swap_halves(float (&acc)[BT / 2], uint32_t rank, uint32_t xs, uint32_t peer_free,
+                                            uint32_t data_in, int lane) {
+  if (lane == 0) mbar_arrive_peer(peer_addr(peer_free, rank ^ 1));  // step 1: this warp's wgmmas are done
+  if (rank == 0)
+    swap_halves_at<BT, BT / 16, 0>(acc, xs, peer_free, data_in, 1);
+  else
+    swap_halves_at<BT, 0, BT / 16>(acc, xs, peer_free, data_in, 0);
 }
 
 // What a block computes: one to three segments, each some stages [kt0, kt1) of one tile, with
@@ -381,7 +471,9 @@ template <int BT> __device__ __forceinline__ bool hand_over(const GemmArgs& a, c
   return true;
 }
 
-template <typename T, int BT>
+// kPair: a launch of GemmArgs::pair clusters (its own instantiation, so that the other launches
+// carry none of its code: with it they ran ~0.5 us a block slower on an H200).
+template <typename T, int BT, bool kPair>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_gemm_sm90_kernel(const GemmArgs a, const __grid_constant__ CUtensorMap map_x,
                            const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_s,
@@ -400,6 +492,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t zs = ss + S * kSStageBytes;            // zero-point rows
   const uint32_t full = zs + S * kZStageBytes;          // per slot: its copies have landed
   const uint32_t empty = full + 8 * S;                  // per slot: every consumer warp is done with it
+  const uint32_t peer_free = empty + 8 * S;             // kPair: the peer's x ring is free (swap_halves)
+  const uint32_t data_in = peer_free + 8;               // kPair: the peer's half has landed in this x ring
   const uint8_t* ws_ptr = smem_raw + pad + S * TT::kXStageBytes;
   const uint8_t* ss_ptr = ws_ptr + S * kWStageBytes;
   const uint8_t* zs_ptr = ss_ptr + S * kSStageBytes;
@@ -407,6 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) - 4;  // consumer warp 0..7 (the producer's are < 0)
   const int g = lane >> 2, q = lane & 3;
   const int ch = 64 * (warp >> 2) + 16 * (warp & 3) + 2 * g;  // A rows g, g+8 = channels ch, ch + 1 of the block
+  const uint32_t rank = kPair ? cluster_rank() : 0;            // kPair: which half of the tile this block writes
   // Where tile t starts: its first token and channel.
   auto tile_origin = [&](int t, int& tok0, int& n0) {
     const int tx = t % a.tiles_x, ty = t / a.tiles_x;
@@ -420,9 +515,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full + 8 * s, 1);                   // the producer's arrive (+ the copies' bytes)
       mbar_init(empty + 8 * s, kConsumers / 32);    // one arrive per consumer warp
     }
+    if (kPair) {
+      mbar_init(peer_free, kConsumers / 32);
+      mbar_init(data_in, 1);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if (kPair) mbar_expect_tx(data_in, TT::kHalfBytes);
   }
-  __syncthreads();  // the barriers are initialized before anyone uses them; no block-wide sync after this
+  // The barriers are initialized before anyone uses them, the peer's too; no block-wide sync after this.
+  if (kPair)
+    cluster_sync();
+  else
+    __syncthreads();
+  // A call's second launch (the last wave's tiles, or the stream-K blocks after whole
+  // waves) reads nothing this one writes, so it is launched with programmatic dependent launch
+  // and allowed to start now: its blocks take each SM as this launch's block there leaves,
+  // instead of after the slowest block and a launch gap (launch_grid).
+  if (a.next_early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
@@ -455,6 +564,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (a.zeros) tma_load_2d(zs + slot * kZStageBytes, &map_z, n0, grp, bar);
         }
       }
+      // Launched early, this block does not end before the previous launch has (and its stores
+      // are visible), so the call is complete when its last launch is, for whatever the stream
+      // runs next.
+      if (a.early) asm volatile("griddepcontrol.wait;" ::: "memory");
     }
     return;
   }
@@ -528,7 +641,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Whether this block writes the tile: a part of a split tile only if it is the last one in.
     bool write = true;
-    if (a.splits > 1)
+    if (kPair)
+      swap_halves<BT>(acc, rank, xs, peer_free, data_in, lane);
+    else if (a.splits > 1)
       write = reduce_parts<BT>(a, acc);
     else if (seg.kt1 - seg.kt0 < a.tile_stages)
       write = hand_over<BT>(a, seg, acc);
@@ -541,6 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       T* out = static_cast<T*>(a.out);
 #pragma unroll
       for (int c = 0; c < BT / 8; ++c) {
+        if (kPair && (c < BT / 16) != (rank == 0)) continue;  // the peer writes this half
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int tok = tok0 + 8 * c + 2 * q + e;
@@ -580,8 +696,71 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// sk_blocks > 0: a stream-K launch of that many blocks (a.sk_tile0 says where its shared tiles start).
-template <typename T, int BT> cudaError_t launch(GemmArgs a, int sk_blocks, cudaStream_t stream) {
+// A launch configuration of the kernel: `early` with programmatic dependent launch, so that its
+// blocks take the SMs as the previous launch's blocks leave (the kernel's griddepcontrol says why
+// that is safe); `pair` in clusters of the two K parts of a tile (grid z = 2, swap_halves).
+struct LaunchConfig {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[2];
+  LaunchConfig(dim3 grid, int smem, bool early, bool pair, cudaStream_t stream) {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    if (early) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (pair) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attr[cfg.numAttrs].val.clusterDim.x = 1;
+      attr[cfg.numAttrs].val.clusterDim.y = 1;
+      attr[cfg.numAttrs++].val.clusterDim.z = 2;
+    }
+  }
+};
+
+// `next_early`: the next launch is an early one (it does not start before this one says so).
+template <typename T, int BT>
+cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, const CUtensorMap& map_x,
+                        const CUtensorMap& map_w, const CUtensorMap& map_s, const CUtensorMap& map_z,
+                        cudaStream_t stream) {
+  a.early = early;
+  a.next_early = next_early;
+  LaunchConfig lc(grid, Tile<BT>::kSmemBytes, early, a.pair, stream);
+  if constexpr (BT == 256) {
+    if (a.pair) return cudaLaunchKernelEx(&lc.cfg, w4a16_gemm_sm90_kernel<T, BT, true>, a, map_x, map_w, map_s, map_z);
+  }
+  return cudaLaunchKernelEx(&lc.cfg, w4a16_gemm_sm90_kernel<T, BT, false>, a, map_x, map_w, map_s, map_z);
+}
+
+// How many clusters of two 256-token blocks the current GPU runs at once (a cluster's blocks share
+// a GPC, and an SM holds one block): about half the SMs, fewer where a GPC has an odd count.
+template <typename T> int pair_clusters() {
+  static int cached[64];  // per device, + 1 (0: not asked yet)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0) {
+    auto kernel = w4a16_gemm_sm90_kernel<T, 256, true>;
+    int n = 0;
+    LaunchConfig lc(dim3(1, 1, 2), Tile<256>::kSmemBytes, false, true, nullptr);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<256>::kSmemBytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&n, kernel, &lc.cfg) != cudaSuccess) {
+      cudaGetLastError();  // not sticky: the tail just runs without clusters
+      n = 0;
+    }
+    cached[dev] = n + 1;
+  }
+  return cached[dev] - 1;
+}
+
+// sk_blocks > 0: a stream-K launch of that many blocks (a.sk_tile0 says where its shared tiles
+// start). Programmatic dependent launch (launch_grid), only between launches of one call: `early`,
+// the first launch here starts early; `next_early`, the launch after the last one here will;
+// `pdl`, the stream-K launch after whole waves here starts early.
+template <typename T, int BT>
+cudaError_t launch(GemmArgs a, int sk_blocks, bool early, bool next_early, bool pdl, cudaStream_t stream) {
   CUtensorMap map_x, map_w, map_s, map_z = {};
   if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
@@ -591,8 +770,13 @@ template <typename T, int BT> cudaError_t launch(GemmArgs a, int sk_blocks, cuda
       (a.zeros && !make_map(&map_z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return cudaErrorInvalidValue;
-  auto kernel = w4a16_gemm_sm90_kernel<T, BT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
+  cudaError_t err = cudaFuncSetAttribute(w4a16_gemm_sm90_kernel<T, BT, false>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
+  if constexpr (BT == 256) {
+    if (err == cudaSuccess && a.pair)
+      err = cudaFuncSetAttribute(w4a16_gemm_sm90_kernel<T, BT, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 Tile<BT>::kSmemBytes);
+  }
   if (err != cudaSuccess) return err;
   // Tiles that run together should share the operand that does not fit in L2: with x larger
   // than W (4M > N), consecutive tiles are consecutive channel tiles of the same tokens, so a
@@ -610,16 +794,19 @@ template <typename T, int BT> cudaError_t launch(GemmArgs a, int sk_blocks, cuda
     if (a.sk_tile0 > 0) {
       GemmArgs whole = a;
       whole.sk_tile0 = -1;
-      kernel<<<dim3(a.sk_tile0), kThreads, Tile<BT>::kSmemBytes, stream>>>(whole, map_x, map_w, map_s, map_z);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      err = launch_grid<T, BT>(whole, dim3(a.sk_tile0), early, pdl, map_x, map_w, map_s, map_z, stream);
+      if (err != cudaSuccess) return err;
+      early = pdl;
     }
   }
-  kernel<<<grid, kThreads, Tile<BT>::kSmemBytes, stream>>>(a, map_x, map_w, map_s, map_z);
-  return cudaGetLastError();
+  return launch_grid<T, BT>(a, grid, early, next_early, map_x, map_w, map_s, map_z, stream);
 }
 
-template <typename T> cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, int sk_blocks, cudaStream_t stream) {
-  return tile_tokens == 256 ? launch<T, 256>(a, sk_blocks, stream) : launch<T, 128>(a, sk_blocks, stream);
+template <typename T>
+cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, int sk_blocks, bool early, bool next_early, bool pdl,
+                         cudaStream_t stream) {
+  return tile_tokens == 256 ? launch<T, 256>(a, sk_blocks, early, next_early, pdl, stream)
+                            : launch<T, 128>(a, sk_blocks, early, next_early, pdl, stream);
 }
 
 // The channels [n0, n0 + N) of the GEMM: every pointer moves to channel n0, strides stay.
@@ -645,22 +832,30 @@ GemmArgs channel_slice(GemmArgs a, int n0, int N) {
 //     the pipeline fill stays small next to it. 4096x14336 at M = 64 (32 tiles): 93 -> 35 us.
 //   * a last wave at most half full (6144x4096 at M = 1024: 192 tiles of 256 tokens, 60 in the
 //     second wave) costs a whole wave for little work: the channel tiles of that wave run as a
-//     second launch of 128-token tiles (twice the blocks, half the work each, one wave).
+//     second launch with twice the blocks and half the work each, in one wave: 256-token tiles
+//     with K in two parts, each tile a cluster of two blocks (swap_halves; K of at least
+//     2 kMinSplitStages stages, and as many clusters as the GPU holds at once), else 128-token
+//     tiles, whose unpacking costs twice as much per MMA (6144x4096 at M = 1024 on an H100:
+//     79-80 against 82-85 us, session 11). The second launch starts with programmatic dependent
+//     launch, as the first one's blocks leave (also after stream-K's whole waves).
 //   * stream-K (BlockWork, hand_over) where the last wave would leave the SMs idle for at least
 //     kMinStreamKIdle stages each and all tiles share one token tile: 28672x8192 at M <= 256,
 //     224 tiles of 128 stages, 8-9% faster on an H200. Each cut tile costs a part's fp32 round
 //     trip through L2 and each extra segment a pipeline drain (~20 stages in all, measured), and
 //     with several token tiles the blocks, out of step along K, no longer share x and W in L2
 //     (4096x14336 at M = 2048: 14% slower), so it is not the general rule.
-// Measured on an H200 (notes/cuda_backend.md, session 8): splitting K in 2 instead, for the last
-// wave or for 6144x4096 at M = 256, was no faster (82 vs 82 us) or slower (34 vs 30 us): the
-// parts' fp32 round trip through L2 costs about what the split saves when it only doubles the
-// blocks; stream-K tied with the last-wave split at 6144x4096, M = 1024 (session 9).
-// INT4OPS_GEMM_SPLIT_K=0 and INT4OPS_GEMM_STREAM_K=0|1 (read in api.cu) turn splitting off and
-// force stream-K off or on (wherever the last wave is not full); tile_tokens forces the tile.
+// Measured on an H200 (notes/cuda_backend.md, session 8): splitting K in 2 through the workspace,
+// for 6144x4096 at M = 256, was slower (34 vs 30 us): the parts' fp32 round trip through L2
+// costs about what the split saves when it only doubles the blocks; stream-K tied with the
+// last-wave split at 6144x4096, M = 1024 (session 9). In the last wave's clusters the two
+// halves cross once, 64 KB each way, and the split pays (session 11).
+// INT4OPS_GEMM_SPLIT_K=0, INT4OPS_GEMM_STREAM_K=0|1 and INT4OPS_GEMM_PAIRS=0 (read in api.cu)
+// turn splitting off, force stream-K off or on (wherever the last wave is not full) and turn the
+// clusters off; tile_tokens forces the tile.
 constexpr int kMinSplitStages = 8, kMaxSplits = 8, kMinStreamKIdle = 32;
 
-GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int stream_k, int sm_count) {
+GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k, int stream_k, bool pairs,
+                        int sm_count) {
   GemmPlan p;
   const int ch_tiles = (N + kBN - 1) / kBN;
   const long tiles256 = (long)((M + 255) / 256) * ch_tiles;
@@ -685,7 +880,12 @@ GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k,
     if (p.tile_tokens == 256 && rem > 0 && 2 * rem <= sm_count) {
       const int c1 = (int)((tiles - rem) / token_tiles);  // channel tiles of the full waves
       const int c2 = ch_tiles - c1;
-      if (c1 > 0 && c2 > 0 && (long)c2 * ((M + 127) / 128) <= sm_count) p.ch_tiles1 = c1;
+      if (c1 > 0 && c2 > 0) {
+        if (pairs && 2L * c2 * token_tiles <= sm_count && stages >= 2 * kMinSplitStages)
+          p.ch_tiles1 = c1, p.tail_pairs = true;
+        else if ((long)c2 * ((M + 127) / 128) <= sm_count)
+          p.ch_tiles1 = c1;
+      }
     }
     return p;
   }
@@ -721,9 +921,20 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
   auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
   if (plan.ch_tiles1) {
     const int n1 = plan.ch_tiles1 * kBN;
-    cudaError_t err = run(channel_slice(a, 0, n1), 256, 0, stream);
+    GemmArgs tail = channel_slice(a, n1, N - n1);
+    const long tail_tiles = (long)((N - n1 + kBN - 1) / kBN) * ((M + 255) / 256);
+    const int max_pairs = !plan.tail_pairs              ? 0
+                          : act_dtype == INT4OPS_F16 ? pair_clusters<__half>()
+                                                     : pair_clusters<__nv_bfloat16>();
+    if (tail_tiles <= max_pairs) {
+      const int stages = (K_rows + kWRows - 1) / kWRows;
+      tail.pair = true;
+      tail.splits = 2;
+      tail.split_stages = (stages + 1) / 2;
+    }
+    cudaError_t err = run(channel_slice(a, 0, n1), 256, 0, false, plan.pdl, false, stream);
     if (err != cudaSuccess) return err;
-    return run(channel_slice(a, n1, N - n1), 128, 0, stream);
+    return run(tail, tail.pair ? 256 : 128, 0, plan.pdl, false, false, stream);
   }
   if (plan.splits > 1) {
     if (plan.sk_blocks) {
@@ -737,7 +948,7 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
     cudaError_t err = cudaMemsetAsync(a.tickets, 0, plan.workspace_bytes - plan.partials_bytes, stream);
     if (err != cudaSuccess) return err;
   }
-  return run(a, plan.tile_tokens, plan.sk_blocks, stream);
+  return run(a, plan.tile_tokens, plan.sk_blocks, false, false, plan.pdl, stream);
 }
 
 }  // namespace int4ops

@@ -428,17 +428,63 @@ def _gemm_plan(m, n, k_rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sm90_gemm_last_wave_split(dtype, monkeypatch):
-    """6144 channels at M = 1000: 192 tiles of 256 tokens on a 132-SM GPU; without stream-K the
-    channel tiles of the half-empty last wave run as a second launch of 128-token tiles
-    (gemm_sm90_plan)."""
+@pytest.mark.parametrize("m,k,group_size,sym", [(1000, 2048, 128, False), (777, 2120, 64, True), (1000, 512, 128, False)])
+def test_sm90_gemm_last_wave_split(m, k, group_size, sym, dtype, monkeypatch):
+    """~1.4 waves of 256-token tiles (4 token tiles x (SMs / 4 + 12) channel tiles; 6144 channels
+    at M = 1000 on 132 SMs): without stream-K the channel tiles of the half-empty last wave run as
+    a second launch (gemm_sm90_plan), either as 256-token tiles with K in two parts per cluster of
+    two blocks (swap_halves; K >= 16 stages of 64) or as 128-token tiles (INT4OPS_GEMM_PAIRS=0,
+    and K = 512). Neither adds a workspace; the pairs give the same bits on every call."""
     _need_sm90_gemm()
     monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", "0")
-    w = _weight(6144, 512, 128, False, dtype)
-    assert _gemm_plan(1000, 6144, 64) == (1, 0)  # no K split, no workspace
-    x = torch.randn(1000, 512, device="cuda", dtype=dtype)
-    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128, out=poisoned((1000, 6144), dtype, "cuda"))
-    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[dtype]
+    n = 128 * (cuda._sm_count(torch.cuda.current_device()) // 4 + 12)
+    w = _weight(n, k, group_size, sym, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = w4a16_matmul_reference(x.float(), w)
+    outs = {}
+    for pairs in ("1", "0"):
+        monkeypatch.setenv("INT4OPS_GEMM_PAIRS", pairs)
+        assert _gemm_plan(m, n, w.qweight.shape[0]) == (1, 0)  # no K split through the workspace
+        y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+        assert rel_err(y, ref) <= TOL[dtype]
+        for _ in range(2):
+            assert torch.equal(cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size), y)
+        outs[pairs] = y
+    # Two K parts round differently from one pass: equal bits would mean the pairs never ran.
+    assert torch.equal(outs["1"], outs["0"]) == (k < 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["last-wave", "stream-k"])
+def test_sm90_gemm_second_launch_pdl(case, dtype, monkeypatch):
+    """A call of two launches (the last-wave split; stream-K after a whole wave) starts the second
+    with programmatic dependent launch. Same bits as with INT4OPS_PDL=0 (plain launches), eagerly
+    and in a CUDA graph whose next kernel reads the whole output: the call must be complete, both
+    launches' channels, when its second launch is."""
+    _need_sm90_gemm()
+    sm = cuda._sm_count(torch.cuda.current_device())
+    m, n, k, stream_k = {"last-wave": (1000, 6144, 2048, "0"), "stream-k": (300, 128 * (sm + 5), 4104, "1")}[case]
+    monkeypatch.setenv("INT4OPS_GEMM_STREAM_K", stream_k)
+    w = _weight(n, k, 128, False, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = w4a16_matmul_reference(x.float(), w)
+    outs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("INT4OPS_PDL", pdl)
+        y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, 128, out=poisoned((m, n), dtype, "cuda"))
+        assert rel_err(y, ref) <= TOL[dtype]
+        g = torch.cuda.CUDAGraph()
+        out = poisoned((m, n), dtype, "cuda")
+        with torch.cuda.graph(g):
+            copy = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, 128, out=out).clone()
+        out.fill_(float("nan"))
+        copy.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(copy, y) and torch.equal(out, y)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
 
 
 def _check_parts(x, w, k, group_size, parts_ok, off_env, monkeypatch):

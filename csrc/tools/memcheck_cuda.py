@@ -41,19 +41,22 @@ def main():
         cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
     # (256, 1000) above runs the GEMM with K split in 2 (2-3 tiles). Here 192 tiles of 256 tokens
     # on a 132-SM GPU: stream-K (one block per SM, tiles cut by block edges handed over through
-    # the workspace), and without it the last wave's 15 channel tiles as a second launch of
-    # 128-token tiles.
+    # the workspace), and without it the last wave's 15 channel tiles as a second launch, of
+    # 256-token tiles with K in two parts per cluster of 2 blocks (distributed shared memory) or
+    # (INT4OPS_GEMM_PAIRS=0) of 128-token tiles.
     os.environ["INT4OPS_GEMM_TILE_TOKENS"] = ""
     w = quantize_rtn(torch.randn(6144, 1024, device="cuda") * 0.05, group_size=128, sym=False)
-    for stream_k in ("1", "0"):
+    for stream_k, pairs in (("1", "1"), ("0", "1"), ("0", "0")):
         os.environ["INT4OPS_GEMM_STREAM_K"] = stream_k
+        os.environ["INT4OPS_GEMM_PAIRS"] = pairs
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(1000, 1024, device="cuda", dtype=dtype)
             y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
             ref = w4a16_matmul_reference(x.float(), w)
-            log.info("N=6144 K=1024 M=1000 stream-K=%s %s rel_err=%.2e", stream_k, dtype,
+            log.info("N=6144 K=1024 M=1000 stream-K=%s pairs=%s %s rel_err=%.2e", stream_k, pairs, dtype,
                      ((y.float() - ref).norm() / ref.norm()).item())
     os.environ.pop("INT4OPS_GEMM_STREAM_K")
+    os.environ.pop("INT4OPS_GEMM_PAIRS")
     torch.cuda.synchronize()
     log.info("done")
 
