@@ -128,8 +128,7 @@ static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
   const char* pairs = getenv("INT4OPS_GEMM_PAIRS");
   GemmPlan plan = gemm_sm90_plan(M, N, K_rows, tile_tokens, !(split && split[0] == '0'), stream_k,
                                  !(pairs && pairs[0] == '0'), sm_count);
-  const char* pdl = getenv("INT4OPS_PDL");
-  plan.pdl = !(pdl && pdl[0] == '0');
+  plan.pdl = pdl_env_allows();
   return plan;
 }
 #endif

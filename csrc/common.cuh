@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "int4ops_cuda.h"
 
@@ -32,12 +34,18 @@ inline const char* dtype_name(int code) {
 // Bytes per element of a dtype code.
 inline int dtype_bytes(int code) { return code == INT4OPS_F32 ? 4 : 2; }
 
+// Programmatic dependent launch unless INT4OPS_PDL=0 (the switch the Triton path reads too).
+inline bool pdl_env_allows() {
+  const char* env = getenv("INT4OPS_PDL");
+  return !(env && strcmp(env, "0") == 0);
+}
+
 // How the sm_90 GEMM (w4a16_gemm_sm90.cu) runs one call: gemm_sm90_plan chooses it from the
 // shape, api.cu sizes the workspace with it and gemm_sm90_launch follows it.
 struct GemmPlan {
   int tile_tokens = 256;       // 128 or 256
   int ch_tiles1 = 0;           // > 0: channel tiles [0, ch_tiles1) in one launch, the rest in a second of 128-token tiles
-  bool tail_pairs = false;     // ch_tiles1: the second launch's tiles are 256 tokens, K in 2 parts per cluster of 2 blocks
+  bool tail_pairs = false;     // ch_tiles1: the second launch's tiles are 256 tokens, K in 2 parts of split_stages per cluster of 2 blocks
   int splits = 1;              // K parts per tile (1: no split, no workspace)
   int split_stages = 1 << 30;  // 64-k stages per part
   int sk_blocks = 0;           // > 0: stream-K, one launch of this many blocks (splits = 2: a tile has at most 2 parts)
@@ -118,22 +126,39 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict
   }
 }
 
+// A cudaLaunchKernelEx configuration: `pdl` with programmatic dependent launch (sm_90+: the
+// kernel may start before the one before it ends, and must griddepcontrol.wait for what it
+// reads of it), `cluster_z` > 1 in thread-block clusters of that many blocks along z.
+struct LaunchConfig {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[2];
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl, int cluster_z = 1) {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    if (pdl) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster_z > 1) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attr[cfg.numAttrs].val.clusterDim.x = 1;
+      attr[cfg.numAttrs].val.clusterDim.y = 1;
+      attr[cfg.numAttrs++].val.clusterDim.z = cluster_z;
+    }
+  }
+};
+
 // Launch splitk_reduce_kernel over the [splits, MN] partials of `ws` into `out`. `pdl`: launch it
 // early with programmatic dependent launch (sm_90+ only; the kernel before it must have called
 // griddepcontrol.launch_dependents), else a plain launch.
 template <typename T>
 cudaError_t launch_splitk_reduce(const float* ws, T* out, int MN, int splits, bool pdl, cudaStream_t stream) {
   const int blocks = (MN + 255) / 256;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks < 4096 ? blocks : 4096);
-  cfg.blockDim = dim3(256);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, splitk_reduce_kernel<T>, ws, out, MN, splits);
+  LaunchConfig lc(dim3(blocks < 4096 ? blocks : 4096), dim3(256), 0, stream, pdl);
+  return cudaLaunchKernelEx(&lc.cfg, splitk_reduce_kernel<T>, ws, out, MN, splits);
 }
 }  // namespace
 

@@ -240,14 +240,12 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// Spin on the phase `parity` of mbarrier `bar`; `try_wait` is the try_wait instruction, which
+// says at what scope the wait acquires (.cta by default).
+#define INT4OPS_MBAR_WAIT_LOOP(try_wait) \
+  "{\n.reg .pred done;\nWAIT_%=:\n" try_wait " done, [%0], %1;\n@!done bra WAIT_%=;\n}\n"
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
+  asm volatile(INT4OPS_MBAR_WAIT_LOOP("mbarrier.try_wait.parity.shared::cta.b64") ::"r"(bar), "r"(parity) : "memory");
 }
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
@@ -291,14 +289,11 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ void mbar_arrive_peer(uint32_t cluster_addr) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
 }
+// As mbar_wait, acquiring at cluster scope: the arrivals come from the other block of a cluster.
 __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
+  asm volatile(INT4OPS_MBAR_WAIT_LOOP("mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64") ::"r"(bar),
+               "r"(parity)
+               : "memory");
 }
 // 16 bytes into the peer's shared memory, counted on the peer's mbarrier `bar` when they land.
 __device__ __forceinline__ void st_async(uint32_t addr, float a, float b, float c, float d, uint32_t bar) {
@@ -696,39 +691,17 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// A launch configuration of the kernel: `early` with programmatic dependent launch, so that its
-// blocks take the SMs as the previous launch's blocks leave (the kernel's griddepcontrol says why
-// that is safe); `pair` in clusters of the two K parts of a tile (grid z = 2, swap_halves).
-struct LaunchConfig {
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[2];
-  LaunchConfig(dim3 grid, int smem, bool early, bool pair, cudaStream_t stream) {
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    if (early) {
-      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (pair) {
-      attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
-      attr[cfg.numAttrs].val.clusterDim.x = 1;
-      attr[cfg.numAttrs].val.clusterDim.y = 1;
-      attr[cfg.numAttrs++].val.clusterDim.z = 2;
-    }
-  }
-};
-
-// `next_early`: the next launch is an early one (it does not start before this one says so).
+// One launch of the kernel. `early`: with programmatic dependent launch, so that its blocks take
+// the SMs as the previous launch's blocks leave (the kernel's griddepcontrol says why that is
+// safe); `next_early`: the next launch is an early one (it does not start before this one says
+// so). a.pair launches run in clusters of a tile's two K parts (grid z = 2, swap_halves).
 template <typename T, int BT>
 cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, const CUtensorMap& map_x,
                         const CUtensorMap& map_w, const CUtensorMap& map_s, const CUtensorMap& map_z,
                         cudaStream_t stream) {
   a.early = early;
   a.next_early = next_early;
-  LaunchConfig lc(grid, Tile<BT>::kSmemBytes, early, a.pair, stream);
+  LaunchConfig lc(grid, dim3(kThreads), Tile<BT>::kSmemBytes, stream, early, a.pair ? 2 : 1);
   if constexpr (BT == 256) {
     if (a.pair) return cudaLaunchKernelEx(&lc.cfg, w4a16_gemm_sm90_kernel<T, BT, true>, a, map_x, map_w, map_s, map_z);
   }
@@ -744,7 +717,7 @@ template <typename T> int pair_clusters() {
   if (cached[dev] == 0) {
     auto kernel = w4a16_gemm_sm90_kernel<T, 256, true>;
     int n = 0;
-    LaunchConfig lc(dim3(1, 1, 2), Tile<256>::kSmemBytes, false, true, nullptr);
+    LaunchConfig lc(dim3(1, 1, 2), dim3(kThreads), Tile<256>::kSmemBytes, nullptr, false, 2);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<256>::kSmemBytes) != cudaSuccess ||
         cudaOccupancyMaxActiveClusters(&n, kernel, &lc.cfg) != cudaSuccess) {
       cudaGetLastError();  // not sticky: the tail just runs without clusters
@@ -882,7 +855,7 @@ GemmPlan gemm_sm90_plan(int M, int N, int K_rows, int tile_tokens, bool split_k,
       const int c2 = ch_tiles - c1;
       if (c1 > 0 && c2 > 0) {
         if (pairs && 2L * c2 * token_tiles <= sm_count && stages >= 2 * kMinSplitStages)
-          p.ch_tiles1 = c1, p.tail_pairs = true;
+          p.ch_tiles1 = c1, p.tail_pairs = true, p.split_stages = (stages + 1) / 2;
         else if ((long)c2 * ((M + 127) / 128) <= sm_count)
           p.ch_tiles1 = c1;
       }
@@ -927,10 +900,9 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
                           : act_dtype == INT4OPS_F16 ? pair_clusters<__half>()
                                                      : pair_clusters<__nv_bfloat16>();
     if (tail_tiles <= max_pairs) {
-      const int stages = (K_rows + kWRows - 1) / kWRows;
       tail.pair = true;
       tail.splits = 2;
-      tail.split_stages = (stages + 1) / 2;
+      tail.split_stages = plan.split_stages;
     }
     cudaError_t err = run(channel_slice(a, 0, n1), 256, 0, false, plan.pdl, false, stream);
     if (err != cudaSuccess) return err;

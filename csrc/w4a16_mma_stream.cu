@@ -279,8 +279,7 @@ static bool use_pdl(int device) {
   if (device < 0 || device >= 64) return false;
   if (cc_major[device] == 0 && cudaDeviceGetAttribute(&cc_major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
     return false;
-  const char* env = getenv("INT4OPS_PDL");
-  return cc_major[device] >= 9 && !(env && strcmp(env, "0") == 0);
+  return cc_major[device] >= 9 && pdl_env_allows();
 }
 
 cudaError_t mma_stream_launch(const DecodeArgs& d, int act_dtype, int steps_per_split, int steps_per_group, int splits,
