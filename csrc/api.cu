@@ -116,8 +116,9 @@ extern "C" int int4ops_w4a16_gemm_sm90_supported(int device) {
 // The GEMM's plan for this shape; the environment can force a tile (INT4OPS_GEMM_TILE_TOKENS=128|256),
 // turn K splitting off (INT4OPS_GEMM_SPLIT_K=0) or force stream-K off or on where it applies
 // (INT4OPS_GEMM_STREAM_K=0|1), run a last wave as 128-token tiles instead of clusters of two K
-// parts (INT4OPS_GEMM_PAIRS=0), or start a second launch only after the first (INT4OPS_PDL=0), for
-// tests and benchmarks.
+// parts (INT4OPS_GEMM_PAIRS=0), start a second launch only after the first (INT4OPS_PDL=0), or run
+// every tile as its own block instead of persistent grids (INT4OPS_GEMM_PERSISTENT=0), for tests
+// and benchmarks.
 static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
   int tile_tokens = 0;
   const char* env = getenv("INT4OPS_GEMM_TILE_TOKENS");
@@ -129,6 +130,8 @@ static GemmPlan gemm_sm90_plan_env(int M, int N, int K_rows, int sm_count) {
   GemmPlan plan = gemm_sm90_plan(M, N, K_rows, tile_tokens, !(split && split[0] == '0'), stream_k,
                                  !(pairs && pairs[0] == '0'), sm_count);
   plan.pdl = pdl_env_allows();
+  const char* persistent = getenv("INT4OPS_GEMM_PERSISTENT");
+  plan.persistent_blocks = persistent && persistent[0] == '0' ? 0 : sm_count;
   return plan;
 }
 #endif

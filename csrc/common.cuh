@@ -51,6 +51,7 @@ struct GemmPlan {
   int sk_blocks = 0;           // > 0: stream-K, one launch of this many blocks (splits = 2: a tile has at most 2 parts)
   int sk_tile0 = -1;           // stream-K: tiles below this one run first, whole, one per block, in a launch of their own
   bool pdl = true;             // a second launch (ch_tiles1, sk_tile0) starts as the first one's blocks leave (INT4OPS_PDL=0: after it)
+  int persistent_blocks = 0;   // > 0: a launch of more whole tiles than this runs a persistent grid of this many blocks
   size_t partials_bytes = 0, workspace_bytes = 0;
 };
 

@@ -27,8 +27,9 @@
 //     leave SMs idle long enough, a stream-K launch shares the stages out evenly and a block
 //     may run up to three segments of different tiles (BlockWork, hand_over); a half-empty last
 //     wave runs as a second launch of tiles whose K is cut in two, the two blocks of a tile a
-//     cluster that adds up through distributed shared memory (swap_halves). gemm_sm90_plan
-//     picks. The ring and its barriers run on across segments.
+//     cluster that adds up through distributed shared memory (swap_halves). More whole tiles
+//     than SMs run on a persistent grid, one block per SM looping over tiles (TileWork).
+//     gemm_sm90_plan picks. The ring and its barriers run on across segments and tiles.
 // No block-wide barrier after setup. Every step, measured on an H100 (notes, session 7): the
 // first version with cp.async and __syncthreads ran at 0.35-0.55x of cuBLAS; TMA, the producer
 // warpgroup and integer-only scale handling brought it to 0.9-1.05x at M >= 1024.
@@ -100,6 +101,8 @@ struct GemmArgs {
   // The two K parts (splits = 2) of each tile are a cluster of 2 blocks and add up through
   // distributed shared memory (swap_halves), not the workspace.
   bool pair = false;
+  // Whole tiles on a persistent grid (TileWork): block b runs tiles b, b + gridDim.x, ...
+  bool persistent = false;
   // Programmatic dependent launch (launch_grid): the next launch of this call may start early /
   // this launch started early.
   bool next_early = false, early = false;
@@ -330,7 +333,7 @@ template <int BT> __device__ __forceinline__ void add_part(const float4* part, i
 template <int BT> __device__ __forceinline__ bool reduce_parts(const GemmArgs& a, float (&acc)[BT / 2]) {
   __shared__ int ticket;
   const int t = threadIdx.x - 128;  // consumer thread 0..255
-  const int tile = blockIdx.x + gridDim.x * blockIdx.y;
+  const int tile = blockIdx.x;
   float4* slots = reinterpret_cast<float4*>(a.partials) + (size_t)tile * a.splits * kPartVecs<BT>;
   store_part<BT>(slots + (size_t)blockIdx.z * kPartVecs<BT>, t, acc);
   consumers_sync();  // consumers only: the producer has left
@@ -396,8 +399,8 @@ __device__ __forceinline__ void swap_halves(float (&acc)[BT / 2], uint32_t rank,
 }
 
 // What a block computes: one to three segments, each some stages [kt0, kt1) of one tile, with
-// its own accumulators and epilogue. Without stream-K a block has one: its tile (blockIdx.x +
-// gridDim.x * blockIdx.y), whole or its K part blockIdx.z. A stream-K launch (gemm_sm90_plan)
+// its own accumulators and epilogue. Without stream-K a block has one: its tile blockIdx.x,
+// whole or its K part blockIdx.z. A stream-K launch (gemm_sm90_plan)
 // has one block per SM and shares out tiles [sk_tile0, tiles), fewer than two waves' worth: their
 // stages, laid end to end, are cut into gridDim.x even ranges, one per block, and cut again at
 // tile ends, so no SM idles in a last wave. 6144x4096 at M = 1024 on 132 SMs: 192 tiles of 64
@@ -420,7 +423,7 @@ struct BlockWork {
       u = a.sk_tile0 * ts + (int)(blockIdx.x * total / gridDim.x);
       u_end = a.sk_tile0 * ts + (int)((blockIdx.x + 1) * total / gridDim.x);
     } else {
-      const int tile = blockIdx.x + gridDim.x * blockIdx.y;
+      const int tile = blockIdx.x;
       u = tile * ts + blockIdx.z * a.split_stages;
       u_end = min(tile * ts + ts, u + a.split_stages);
     }
@@ -432,6 +435,23 @@ struct BlockWork {
     s.kt0 = u - s.tile * ts;
     s.kt1 = min(ts, u_end - s.tile * ts);
     u = s.tile * ts + s.kt1;
+    return true;
+  }
+};
+
+// A persistent launch (GemmArgs::persistent; one block per SM, fewer blocks than tiles): block b
+// runs the whole tiles b, b + gridDim.x, b + 2 gridDim.x, ..., the order in which a plain launch's
+// waves would run them. What it saves is the block turnover between tiles: a new block's setup,
+// its first copies' latency and the ring's fill (the producer loads the next tile's first stages
+// while the consumers finish the last ones and store the tile), ~5% of a 64-stage tile's
+// time on an H100 (notes, session 12).
+struct TileWork {
+  int tile;
+  __device__ __forceinline__ explicit TileWork(const GemmArgs&) : tile(blockIdx.x) {}
+  __device__ __forceinline__ bool next(const GemmArgs& a, Segment& s) {
+    if (tile >= a.tiles) return false;
+    s = {tile, 0, a.tile_stages};
+    tile += gridDim.x;
     return true;
   }
 };
@@ -466,14 +486,22 @@ template <int BT> __device__ __forceinline__ bool hand_over(const GemmArgs& a, c
   return true;
 }
 
-// kPair: a launch of GemmArgs::pair clusters (its own instantiation, so that the other launches
-// carry none of its code: with it they ran ~0.5 us a block slower on an H200).
-template <typename T, int BT, bool kPair>
+// Which kind of launch an instantiation runs. Each has its own, so that the others carry none of
+// its code (with the pair code in the one kernel, every other launch ran ~0.5 us a block slower on
+// an H200):
+//   kSegments:  one to kMaxSegments segments per block (one tile, a K part, stream-K's shares);
+//   kPair:      GemmArgs::pair clusters;
+//   kPersistent: GemmArgs::persistent, any number of whole tiles per block (TileWork).
+enum class LaunchKind { kSegments, kPair, kPersistent };
+
+template <typename T, int BT, LaunchKind kKind>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_gemm_sm90_kernel(const GemmArgs a, const __grid_constant__ CUtensorMap map_x,
                            const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_s,
                            const __grid_constant__ CUtensorMap map_z) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kPair = kKind == LaunchKind::kPair;
+  using Work = std::conditional_t<kKind == LaunchKind::kPersistent, TileWork, BlockWork>;
   using TT = Tile<BT>;
   constexpr int S = TT::kStages;
   using Mma = WgmmaRS<BT, std::is_same<T, __nv_bfloat16>::value>;
@@ -539,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
       const uint32_t bytes =
           TT::kXStageBytes + kWStageBytes + 2 * kBN * a.scale_bytes + (a.zeros ? kZStageBytes : 0);
-      BlockWork work(a);
+      Work work(a);
       Segment seg;
       int i = 0;
       while (work.next(a, seg)) {
@@ -570,15 +598,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float acc[TT::kAcc];
   uint32_t regs0[4][4], regs1[4][4];
-  BlockWork work(a);
+  Work work(a);
   Segment seg;
   int i0 = 0;  // the block's stages before this segment (the ring position)
-  // Unrolled, not a `while`: in a loop around the main loop, the epilogue's divergent branches
-  // (token and channel bounds, the hand-over ticket) made ptxas keep the stage counters and
-  // wgmma descriptors in per-thread registers instead of uniform ones (R2UR moves, +9%
+  // Per segment: its main loop, then its epilogue (the parts' hand-over, the output stores).
+  // Unrolled, not a loop, where a block has at most kMaxSegments: in a loop around the main loop,
+  // the epilogue's divergent branches (the hand-over ticket) made ptxas keep the stage counters
+  // and wgmma descriptors in per-thread registers instead of uniform ones (R2UR moves, +9%
   // instructions in the main loop, 10% slower). Straight-line copies keep the single-tile SASS.
-#pragma unroll
-  for (int si = 0; si < kMaxSegments; ++si) {
+  // The persistent kernel, with no hand-over, loops.
+  constexpr bool kLoop = kKind == LaunchKind::kPersistent;
+#pragma unroll(kLoop ? 1 : kMaxSegments)
+  for (int si = 0; kLoop || si < kMaxSegments; ++si) {
     if (!work.next(a, seg)) break;
 #pragma unroll
     for (int i = 0; i < TT::kAcc; ++i) acc[i] = 0.0f;
@@ -636,12 +667,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Whether this block writes the tile: a part of a split tile only if it is the last one in.
     bool write = true;
-    if (kPair)
+    if constexpr (kPair) {
       swap_halves<BT>(acc, rank, xs, peer_free, data_in, lane);
-    else if (a.splits > 1)
-      write = reduce_parts<BT>(a, acc);
-    else if (seg.kt1 - seg.kt0 < a.tile_stages)
-      write = hand_over<BT>(a, seg, acc);
+    } else if constexpr (kKind == LaunchKind::kSegments) {
+      if (a.splits > 1)
+        write = reduce_parts<BT>(a, acc);
+      else if (seg.kt1 - seg.kt0 < a.tile_stages)
+        write = hand_over<BT>(a, seg, acc);
+    }
 
     // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
     int tok0, n0;
@@ -691,6 +724,15 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+using GemmKernel = void (*)(GemmArgs, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap);
+template <typename T, int BT> GemmKernel kernel_for(const GemmArgs& a) {
+  if constexpr (BT == 256) {
+    if (a.pair) return w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPair>;
+  }
+  return a.persistent ? w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPersistent>
+                      : w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kSegments>;
+}
+
 // One launch of the kernel. `early`: with programmatic dependent launch, so that its blocks take
 // the SMs as the previous launch's blocks leave (the kernel's griddepcontrol says why that is
 // safe); `next_early`: the next launch is an early one (it does not start before this one says
@@ -701,11 +743,30 @@ cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, cons
                         cudaStream_t stream) {
   a.early = early;
   a.next_early = next_early;
+  const GemmKernel kernel = kernel_for<T, BT>(a);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
+  if (err != cudaSuccess) return err;
   LaunchConfig lc(grid, dim3(kThreads), Tile<BT>::kSmemBytes, stream, early, a.pair ? 2 : 1);
-  if constexpr (BT == 256) {
-    if (a.pair) return cudaLaunchKernelEx(&lc.cfg, w4a16_gemm_sm90_kernel<T, BT, true>, a, map_x, map_w, map_s, map_z);
-  }
-  return cudaLaunchKernelEx(&lc.cfg, w4a16_gemm_sm90_kernel<T, BT, false>, a, map_x, map_w, map_s, map_z);
+  return cudaLaunchKernelEx(&lc.cfg, kernel, a, map_x, map_w, map_s, map_z);
+}
+
+// How launch() runs a GemmArgs. Programmatic dependent launch (launch_grid) only links launches
+// of one call.
+struct LaunchOptions {
+  int tile_tokens = 256;      // 128 or 256
+  int sk_blocks = 0;          // > 0: a stream-K launch of that many blocks (GemmArgs::sk_tile0: where its shared tiles start)
+  int persistent_blocks = 0;  // > 0: whole tiles, where they are more, run on a persistent grid of this many blocks
+  bool early = false;         // the first launch here starts early
+  bool next_early = false;    // the launch after the last one here will
+  bool pdl = false;           // the stream-K launch after whole waves here starts early
+};
+
+// The grid of a launch of whole tiles [0, tiles): one block per tile, or where they are more than
+// `max_blocks` (the SMs), a persistent grid of that many blocks (TileWork).
+dim3 whole_tiles_grid(GemmArgs& a, int tiles, int max_blocks) {
+  a.tiles = tiles;
+  a.persistent = max_blocks > 0 && tiles > max_blocks;
+  return a.persistent ? dim3(max_blocks) : dim3(tiles);
 }
 
 // How many clusters of two 256-token blocks the current GPU runs at once (a cluster's blocks share
@@ -715,7 +776,7 @@ template <typename T> int pair_clusters() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
   if (cached[dev] == 0) {
-    auto kernel = w4a16_gemm_sm90_kernel<T, 256, true>;
+    auto kernel = w4a16_gemm_sm90_kernel<T, 256, LaunchKind::kPair>;
     int n = 0;
     LaunchConfig lc(dim3(1, 1, 2), dim3(kThreads), Tile<256>::kSmemBytes, nullptr, false, 2);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<256>::kSmemBytes) != cudaSuccess ||
@@ -728,12 +789,8 @@ template <typename T> int pair_clusters() {
   return cached[dev] - 1;
 }
 
-// sk_blocks > 0: a stream-K launch of that many blocks (a.sk_tile0 says where its shared tiles
-// start). Programmatic dependent launch (launch_grid), only between launches of one call: `early`,
-// the first launch here starts early; `next_early`, the launch after the last one here will;
-// `pdl`, the stream-K launch after whole waves here starts early.
 template <typename T, int BT>
-cudaError_t launch(GemmArgs a, int sk_blocks, bool early, bool next_early, bool pdl, cudaStream_t stream) {
+cudaError_t launch(GemmArgs a, LaunchOptions o, cudaStream_t stream) {
   CUtensorMap map_x, map_w, map_s, map_z = {};
   if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
@@ -743,14 +800,6 @@ cudaError_t launch(GemmArgs a, int sk_blocks, bool early, bool next_early, bool 
       (a.zeros && !make_map(&map_z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return cudaErrorInvalidValue;
-  cudaError_t err = cudaFuncSetAttribute(w4a16_gemm_sm90_kernel<T, BT, false>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
-  if constexpr (BT == 256) {
-    if (err == cudaSuccess && a.pair)
-      err = cudaFuncSetAttribute(w4a16_gemm_sm90_kernel<T, BT, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 Tile<BT>::kSmemBytes);
-  }
-  if (err != cudaSuccess) return err;
   // Tiles that run together should share the operand that does not fit in L2: with x larger
   // than W (4M > N), consecutive tiles are consecutive channel tiles of the same tokens, so a
   // wave reads a slab of x once and re-reads W (4096x4096, M = 4096: x is 32 MB, W 8 MB);
@@ -760,26 +809,25 @@ cudaError_t launch(GemmArgs a, int sk_blocks, bool early, bool next_early, bool 
   a.tiles_x = a.channels_fastest ? ch_tiles : token_tiles;
   a.tile_stages = (a.K_rows + kWRows - 1) / kWRows;
   // A stream-K launch has one block per SM; the tiles before a.sk_tile0 (whole waves) run first,
-  // one per block, in a launch of their own.
-  dim3 grid(a.tiles_x, a.tiles / a.tiles_x, a.splits);
-  if (sk_blocks > 0) {
-    grid = dim3(sk_blocks);
+  // in a launch of their own.
+  if (o.sk_blocks > 0) {
     if (a.sk_tile0 > 0) {
       GemmArgs whole = a;
       whole.sk_tile0 = -1;
-      err = launch_grid<T, BT>(whole, dim3(a.sk_tile0), early, pdl, map_x, map_w, map_s, map_z, stream);
+      const dim3 grid = whole_tiles_grid(whole, a.sk_tile0, o.persistent_blocks);
+      const cudaError_t err = launch_grid<T, BT>(whole, grid, o.early, o.pdl, map_x, map_w, map_s, map_z, stream);
       if (err != cudaSuccess) return err;
-      early = pdl;
+      o.early = o.pdl;
     }
+    return launch_grid<T, BT>(a, dim3(o.sk_blocks), o.early, o.next_early, map_x, map_w, map_s, map_z, stream);
   }
-  return launch_grid<T, BT>(a, grid, early, next_early, map_x, map_w, map_s, map_z, stream);
+  // K parts (split K: grid z; a tile's pair: a cluster along z), or whole tiles.
+  const dim3 grid = a.splits > 1 ? dim3(a.tiles, 1, a.splits) : whole_tiles_grid(a, a.tiles, o.persistent_blocks);
+  return launch_grid<T, BT>(a, grid, o.early, o.next_early, map_x, map_w, map_s, map_z, stream);
 }
 
-template <typename T>
-cudaError_t launch_tiles(const GemmArgs& a, int tile_tokens, int sk_blocks, bool early, bool next_early, bool pdl,
-                         cudaStream_t stream) {
-  return tile_tokens == 256 ? launch<T, 256>(a, sk_blocks, early, next_early, pdl, stream)
-                            : launch<T, 128>(a, sk_blocks, early, next_early, pdl, stream);
+template <typename T> cudaError_t launch_tiles(const GemmArgs& a, const LaunchOptions& o, cudaStream_t stream) {
+  return o.tile_tokens == 256 ? launch<T, 256>(a, o, stream) : launch<T, 128>(a, o, stream);
 }
 
 // The channels [n0, n0 + N) of the GEMM: every pointer moves to channel n0, strides stay.
@@ -811,6 +859,10 @@ GemmArgs channel_slice(GemmArgs a, int n0, int N) {
 //     tiles, whose unpacking costs twice as much per MMA (6144x4096 at M = 1024 on an H100:
 //     79-80 against 82-85 us, session 11). The second launch starts with programmatic dependent
 //     launch, as the first one's blocks leave (also after stream-K's whole waves).
+//   * launches of more whole tiles than SMs run on a persistent grid (TileWork): one block per
+//     SM, looping over tiles, so that a tile's end overlaps the next one's first copies instead
+//     of a block's exit, a new block's setup and the ring's fill (INT4OPS_GEMM_PERSISTENT=0: one
+//     block per tile; persistent_blocks, set by the caller).
 //   * stream-K (BlockWork, hand_over) where the last wave would leave the SMs idle for at least
 //     kMinStreamKIdle stages each and all tiles share one token tile: 28672x8192 at M <= 256,
 //     224 tiles of 128 stages, 8-9% faster on an H200. Each cut tile costs a part's fp32 round
@@ -892,6 +944,9 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
   // Blocks that run together should share the operand that does not fit in L2 (launch()).
   a.channels_fastest = 4LL * M > N;
   auto run = act_dtype == INT4OPS_F16 ? launch_tiles<__half> : launch_tiles<__nv_bfloat16>;
+  LaunchOptions o;
+  o.tile_tokens = plan.tile_tokens;
+  o.persistent_blocks = plan.persistent_blocks;
   if (plan.ch_tiles1) {
     const int n1 = plan.ch_tiles1 * kBN;
     GemmArgs tail = channel_slice(a, n1, N - n1);
@@ -904,9 +959,13 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
       tail.splits = 2;
       tail.split_stages = plan.split_stages;
     }
-    cudaError_t err = run(channel_slice(a, 0, n1), 256, 0, false, plan.pdl, false, stream);
+    LaunchOptions first = o, second = o;
+    first.tile_tokens = 256;
+    first.next_early = second.early = plan.pdl;
+    second.tile_tokens = tail.pair ? 256 : 128;
+    cudaError_t err = run(channel_slice(a, 0, n1), first, stream);
     if (err != cudaSuccess) return err;
-    return run(tail, tail.pair ? 256 : 128, 0, plan.pdl, false, false, stream);
+    return run(tail, second, stream);
   }
   if (plan.splits > 1) {
     if (plan.sk_blocks) {
@@ -920,7 +979,9 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
     cudaError_t err = cudaMemsetAsync(a.tickets, 0, plan.workspace_bytes - plan.partials_bytes, stream);
     if (err != cudaSuccess) return err;
   }
-  return run(a, plan.tile_tokens, plan.sk_blocks, false, false, plan.pdl, stream);
+  o.sk_blocks = plan.sk_blocks;
+  o.pdl = plan.pdl;
+  return run(a, o, stream);
 }
 
 }  // namespace int4ops

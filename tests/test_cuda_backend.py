@@ -487,6 +487,60 @@ def test_sm90_gemm_second_launch_pdl(case, dtype, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+def _gemm_kernels(call):
+    """The names of the sm_90 GEMM kernels one call launches (CUDA activity in torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "w4a16_gemm_sm90_kernel" in e.name]
+
+
+def _is_persistent(name):
+    # The kernel's LaunchKind template argument, as the demangler prints an enum class value.
+    return "LaunchKind)2" in name or "kPersistent" in name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["tokens-fastest", "channels-fastest", "128-token", "last-wave-split"])
+def test_sm90_gemm_persistent(case, dtype, monkeypatch):
+    """More whole tiles than SMs run on a persistent grid, one block per SM taking tiles b, b + SMs,
+    ... (TileWork): the same bits as one block per tile (INT4OPS_GEMM_PERSISTENT=0), on shapes
+    from the SM count: 2 waves + 100 tiles, 2 or 3 tiles a block, token tiles of a channel tile
+    adjacent, partial token tile and K tail; 'channels-fastest', 4M > N, so consecutive tiles
+    are channel tiles; '128-token' tiles (M <= 128); 'last-wave-split', 2 whole waves then the
+    half-empty last one as a second launch of clusters (not persistent)."""
+    _need_sm90_gemm()
+    sm = cuda._sm_count(torch.cuda.current_device())
+    m, n, k, group_size, sym = {
+        "tokens-fastest": (300, 128 * (sm + 50), 1000, 64, False),
+        "channels-fastest": (4000, 2048, 264, -1, True),
+        "128-token": (100, 128 * (2 * sm + 40), 520, 32, False),
+        "last-wave-split": (1000, 128 * (sm // 2 + 12), 2048, 128, False),
+    }[case]
+    w = _weight(n, k, group_size, sym, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = w4a16_matmul_reference(x.float(), w)
+
+    def call():
+        return cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, group_size, out=poisoned((m, n), dtype, "cuda"))
+
+    outs = {}
+    for persistent in ("1", "0"):
+        monkeypatch.setenv("INT4OPS_GEMM_PERSISTENT", persistent)
+        kernels = _gemm_kernels(call)
+        assert kernels, "the profiler saw no sm_90 GEMM kernel"
+        assert any(_is_persistent(k) for k in kernels) == (persistent == "1"), kernels
+        y = call()
+        assert rel_err(y, ref) <= TOL[dtype]
+        assert torch.equal(call(), y)
+        outs[persistent] = y
+    assert torch.equal(outs["1"], outs["0"])
+
+
 def _check_parts(x, w, k, group_size, parts_ok, off_env, monkeypatch):
     """A call whose plan adds tile parts (parts_ok(parts), with a workspace) matches the
     reference, gives the same bits on every call, and matches the call with off_env=0, which

@@ -57,6 +57,16 @@ def main():
                      ((y.float() - ref).norm() / ref.norm()).item())
     os.environ.pop("INT4OPS_GEMM_STREAM_K")
     os.environ.pop("INT4OPS_GEMM_PAIRS")
+    # 432 tiles at M = 2100 (9 token tiles, the last partial): a persistent grid of one block per
+    # SM runs 396 of them, 3 a block, then the last wave's 36 as clusters; and 100 tiles of 128
+    # tokens more than two waves' worth at M = 100, all on a persistent grid.
+    for m, n in ((2100, 6144), (100, 128 * (2 * cuda._sm_count(0) + 100))):
+        w = quantize_rtn(torch.randn(n, 1024, device="cuda") * 0.05, group_size=128, sym=False)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+            y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
+            ref = w4a16_matmul_reference(x.float(), w)
+            log.info("N=%d K=1024 M=%d persistent %s rel_err=%.2e", n, m, dtype, ((y.float() - ref).norm() / ref.norm()).item())
     torch.cuda.synchronize()
     log.info("done")
 
