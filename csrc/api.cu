@@ -158,13 +158,12 @@ extern "C" int int4ops_w4a16_gemm_sm90(const void* x, const void* qweight, const
   if (int rc = check_decode_args(prefix, "w4a16_gemm_sm90", INT_MAX, x, qweight, scales, out, nullptr, M, N, K, K_rows,
                                  group_size, act_dtype, scale_dtype, 1))
     return rc;
-  // The copies are TMA tensor copies: 16-byte aligned bases and row strides.
+  // The copies (out too) are TMA tensor copies: 16-byte aligned bases and row strides.
   if (N % 8 != 0 || K % 8 != 0 || (zeros && N % 16 != 0))
     return set_error(INT4OPS_ERR_ARGS, "%s: needs N %% 8 == 0 (N %% 16 == 0 with zero points) and K %% 8 == 0", prefix);
   if (!aligned16(x) || !aligned16(qweight) || !aligned16(scales) || (zeros && !aligned16(zeros)) ||
-      !aligned16(workspace) || (reinterpret_cast<uintptr_t>(out) & 3u))
-    return set_error(INT4OPS_ERR_ARGS,
-                     "%s: needs 16-byte aligned x, qweight, scales, zeros, workspace and 4-byte aligned out", prefix);
+      !aligned16(workspace) || !aligned16(out))
+    return set_error(INT4OPS_ERR_ARGS, "%s: needs 16-byte aligned x, qweight, scales, zeros, workspace and out", prefix);
   if (int rc = gemm_sm90_check_device(prefix, device)) return rc;
 #ifdef INT4OPS_HAS_SM90A
   DeviceGuard guard(device);

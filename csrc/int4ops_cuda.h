@@ -57,7 +57,7 @@ INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void
 // M >= 1 with wgmma tensor cores, fp32 accumulation, W rounded to the activation dtype once (as
 // dequantize + cuBLAS would). Needs a library built with sm_90a code (any build whose arch list
 // has 90), an sm_90 GPU, N % 8 == 0 (N % 16 == 0 with zero points), K % 8 == 0, 16-byte aligned
-// x, qweight, scales, zeros and workspace, 4-byte aligned out; otherwise it returns
+// x, qweight, scales, zeros, workspace and out; otherwise it returns
 // INT4OPS_ERR_ARGS with a message saying which.
 // int4ops_w4a16_gemm_sm90_plan: how many parts K is split into for this shape on a GPU with
 // sm_count SMs (>= 1; an error code < 1 otherwise), and the workspace that needs (0: none):

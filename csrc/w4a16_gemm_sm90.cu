@@ -76,10 +76,16 @@ constexpr int kSStageBytes = 2 * kBN * 4;           // 2 scale rows of 128 chann
 constexpr int kZStageBytes = 2 * kBN;               // 2 zero-point rows
 
 template <int BT> struct Tile {
-  static constexpr int kStages = BT == 256 ? 5 : 8;  // ~190 KB / ~170 KB of shared memory
+  // ~214 KB / ~203 KB of shared memory with the output staging. 4 stages at BT = 256 were faster
+  // than 5 even before the staging needed the room (H100, notes, session 12).
+  static constexpr int kStages = BT == 256 ? 4 : 8;
   static constexpr int kXStageBytes = BT * 128;
-  static constexpr int kSmemBytes =
-      kStages * (kXStageBytes + kWStageBytes + kSStageBytes + kZStageBytes + 16) + 16 + 1024;  // + mbarriers, alignment slack
+  // The tile's output on its way to TMA stores (store_tile): per consumer warpgroup (64 channels,
+  // 128 bytes a token) two boxes of BT / 2 tokens, with the 128-byte swizzle.
+  static constexpr int kOutBoxBytes = BT / 2 * 128;
+  static constexpr int kOutBytes = 4 * kOutBoxBytes;
+  static constexpr int kSmemBytes = kStages * (kXStageBytes + kWStageBytes + kSStageBytes + kZStageBytes + 16) +
+                                    kOutBytes + 16 + 1024;  // + mbarriers, alignment slack
   static constexpr int kHalfBytes = BT / 2 * kBN * 4;  // half a tile's tokens in fp32 (swap_halves)
   static constexpr int kAcc = BT / 2;  // fp32 accumulators per thread
 };
@@ -255,6 +261,24 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
+}
+
+// TMA stores (store_tile): shared memory -> global, in bulk groups that this thread waits for.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk groups have read their shared memory (the writes to global may still be on
+// their way; they are part of the kernel's, done when it is).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Makes this thread's shared-memory writes visible to the copy engine (the async proxy).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The 128 threads of consumer warpgroup wg (named barriers 2 and 3; 1 is consumers_sync).
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
 }
 
 // The tickets that say a part is in the workspace, with release / acquire semantics at GPU
@@ -486,6 +510,48 @@ template <int BT> __device__ __forceinline__ bool hand_over(const GemmArgs& a, c
   return true;
 }
 
+// The tile out, once this block holds its sum (or, kPair, half of it: tokens [rank BT / 2, +BT / 2)).
+// Each consumer warpgroup rounds its 64 channels x BT tokens to T into its two staging boxes, and
+// one of its threads hands them to TMA stores, which clip at M and N; the consumers go on to the
+// next tile while the stores drain. Stores from registers straight to global memory (64 4-byte
+// stores a thread, every SM at the same moment at the end of a wave) stalled the consumers:
+// taking them out saved ~6% of the time at 28672x4096 and 6144x4096, M = 1024-4096 (H100, notes,
+// session 12). Box layout (the 128-byte swizzle, as the map says): token r of the box at byte
+// r * 128, 16-byte chunk j of its row at chunk j ^ (r % 8), so a warp's 32 stores of a token pair
+// row hit 32 different banks.
+template <typename T, int BT, bool kPair>
+__device__ __forceinline__ void store_tile(const float (&acc)[BT / 2], uint32_t os, const CUtensorMap* map_out,
+                                           int tok0, int n0, uint32_t rank, int warp, int g, int q) {
+  using TT = Tile<BT>;
+  const int wg = warp >> 2;
+  const bool leader = (threadIdx.x & 127) == 0;
+  const uint32_t box0 = os + 2 * wg * TT::kOutBoxBytes;
+  if (leader) bulk_wait_read();  // the previous tile's stores have read the boxes
+  warpgroup_sync(wg);
+  const uint32_t b = 32 * (warp & 3) + 4 * g;  // channels ch, ch + 1: their byte in the box's 128-byte row
+#pragma unroll
+  for (int c = 0; c < BT / 8; ++c) {
+    const int half = c / (BT / 16);  // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (ch + 1, same token)
+    if (kPair && half != (int)rank) continue;  // the peer writes this half
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = 8 * (c % (BT / 16)) + 2 * q + e;  // the token's row in its box
+      const uint32_t addr = box0 + half * TT::kOutBoxBytes + r * 128 + ((((b >> 4) ^ (r & 7)) << 4) | (b & 15));
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(Pair<T>::pack(acc[4 * c + e], acc[4 * c + 2 + e]))
+                   : "memory");
+    }
+  }
+  fence_async_shared();
+  warpgroup_sync(wg);
+  if (leader) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      if (!kPair || half == (int)rank)
+        tma_store_2d(map_out, box0 + half * TT::kOutBoxBytes, n0 + 64 * wg, tok0 + half * BT / 2);
+    bulk_commit();
+  }
+}
+
 // Which kind of launch an instantiation runs. Each has its own, so that the others carry none of
 // its code (with the pair code in the one kernel, every other launch ran ~0.5 us a block slower on
 // an H200):
@@ -498,7 +564,7 @@ template <typename T, int BT, LaunchKind kKind>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_gemm_sm90_kernel(const GemmArgs a, const __grid_constant__ CUtensorMap map_x,
                            const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_s,
-                           const __grid_constant__ CUtensorMap map_z) {
+                           const __grid_constant__ CUtensorMap map_z, const __grid_constant__ CUtensorMap map_out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kPair = kKind == LaunchKind::kPair;
   using Work = std::conditional_t<kKind == LaunchKind::kPersistent, TileWork, BlockWork>;
@@ -510,14 +576,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t pad = (1024 - (smem_base & 1023)) & 1023;
   const uint32_t xs = smem_base + pad;                  // x stages (shared addresses)
-  const uint32_t ws = xs + S * TT::kXStageBytes;        // W stages
+  const uint32_t os = xs + S * TT::kXStageBytes;        // output staging (store_tile)
+  const uint32_t ws = os + TT::kOutBytes;               // W stages
   const uint32_t ss = ws + S * kWStageBytes;            // scale rows
   const uint32_t zs = ss + S * kSStageBytes;            // zero-point rows
   const uint32_t full = zs + S * kZStageBytes;          // per slot: its copies have landed
   const uint32_t empty = full + 8 * S;                  // per slot: every consumer warp is done with it
   const uint32_t peer_free = empty + 8 * S;             // kPair: the peer's x ring is free (swap_halves)
   const uint32_t data_in = peer_free + 8;               // kPair: the peer's half has landed in this x ring
-  const uint8_t* ws_ptr = smem_raw + pad + S * TT::kXStageBytes;
+  const uint8_t* ws_ptr = smem_raw + pad + S * TT::kXStageBytes + TT::kOutBytes;
   const uint8_t* ss_ptr = ws_ptr + S * kWStageBytes;
   const uint8_t* zs_ptr = ss_ptr + S * kSStageBytes;
 
@@ -676,24 +743,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         write = hand_over<BT>(a, seg, acc);
     }
 
-    // d[4c + e] = (channel ch, token 8c + 2q + e), d[4c + 2 + e] = (channel ch + 1, same token).
-    int tok0, n0;
-    tile_origin(seg.tile, tok0, n0);
-    const int n = n0 + ch;
-    if (write && n < a.N) {
-      T* out = static_cast<T*>(a.out);
-#pragma unroll
-      for (int c = 0; c < BT / 8; ++c) {
-        if (kPair && (c < BT / 16) != (rank == 0)) continue;  // the peer writes this half
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int tok = tok0 + 8 * c + 2 * q + e;
-          if (tok < a.M)
-            *reinterpret_cast<uint32_t*>(out + (size_t)tok * a.ld + n) = Pair<T>::pack(acc[4 * c + e], acc[4 * c + 2 + e]);
-        }
-      }
+    if (write) {
+      int tok0, n0;
+      tile_origin(seg.tile, tok0, n0);
+      store_tile<T, BT, kPair>(acc, os, &map_out, tok0, n0, rank, warp, g, q);
     }
   }
+  // The staging boxes stay allocated until the last stores have read them.
+  if ((threadIdx.x & 127) == 0) bulk_wait_read();
 #endif
 }
 
@@ -724,7 +781,10 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const 
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-using GemmKernel = void (*)(GemmArgs, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap);
+using GemmKernel = void (*)(GemmArgs, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap);
+struct TensorMaps {
+  CUtensorMap x, w, s, z, out;
+};
 template <typename T, int BT> GemmKernel kernel_for(const GemmArgs& a) {
   if constexpr (BT == 256) {
     if (a.pair) return w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPair>;
@@ -738,8 +798,7 @@ template <typename T, int BT> GemmKernel kernel_for(const GemmArgs& a) {
 // safe); `next_early`: the next launch is an early one (it does not start before this one says
 // so). a.pair launches run in clusters of a tile's two K parts (grid z = 2, swap_halves).
 template <typename T, int BT>
-cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, const CUtensorMap& map_x,
-                        const CUtensorMap& map_w, const CUtensorMap& map_s, const CUtensorMap& map_z,
+cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, const TensorMaps& m,
                         cudaStream_t stream) {
   a.early = early;
   a.next_early = next_early;
@@ -747,7 +806,7 @@ cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, cons
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
   if (err != cudaSuccess) return err;
   LaunchConfig lc(grid, dim3(kThreads), Tile<BT>::kSmemBytes, stream, early, a.pair ? 2 : 1);
-  return cudaLaunchKernelEx(&lc.cfg, kernel, a, map_x, map_w, map_s, map_z);
+  return cudaLaunchKernelEx(&lc.cfg, kernel, a, m.x, m.w, m.s, m.z, m.out);
 }
 
 // How launch() runs a GemmArgs. Programmatic dependent launch (launch_grid) only links launches
@@ -791,14 +850,15 @@ template <typename T> int pair_clusters() {
 
 template <typename T, int BT>
 cudaError_t launch(GemmArgs a, LaunchOptions o, cudaStream_t stream) {
-  CUtensorMap map_x, map_w, map_s, map_z = {};
-  if (!make_map(&map_x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !make_map(&map_w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
+  TensorMaps m = {};
+  if (!make_map(&m.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.K, a.K, BT, kBK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&m.w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, a.qweight, a.K_rows, a.N, a.ld, kWRows, kBN,
                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      !make_map(&map_s, a.scale_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16,
+      !make_map(&m.s, a.scale_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16,
                 a.scale_bytes, a.scales, a.groups, a.N, a.ld, 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      (a.zeros && !make_map(&map_z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
-                            CU_TENSOR_MAP_SWIZZLE_NONE)))
+      (a.zeros && !make_map(&m.z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.zeros, a.groups, a.N, a.ld, 2, kBN,
+                            CU_TENSOR_MAP_SWIZZLE_NONE)) ||
+      !make_map(&m.out, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.out, a.M, a.N, a.ld, BT / 2, 64, CU_TENSOR_MAP_SWIZZLE_128B))
     return cudaErrorInvalidValue;
   // Tiles that run together should share the operand that does not fit in L2: with x larger
   // than W (4M > N), consecutive tiles are consecutive channel tiles of the same tokens, so a
@@ -815,15 +875,15 @@ cudaError_t launch(GemmArgs a, LaunchOptions o, cudaStream_t stream) {
       GemmArgs whole = a;
       whole.sk_tile0 = -1;
       const dim3 grid = whole_tiles_grid(whole, a.sk_tile0, o.persistent_blocks);
-      const cudaError_t err = launch_grid<T, BT>(whole, grid, o.early, o.pdl, map_x, map_w, map_s, map_z, stream);
+      const cudaError_t err = launch_grid<T, BT>(whole, grid, o.early, o.pdl, m, stream);
       if (err != cudaSuccess) return err;
       o.early = o.pdl;
     }
-    return launch_grid<T, BT>(a, dim3(o.sk_blocks), o.early, o.next_early, map_x, map_w, map_s, map_z, stream);
+    return launch_grid<T, BT>(a, dim3(o.sk_blocks), o.early, o.next_early, m, stream);
   }
   // K parts (split K: grid z; a tile's pair: a cluster along z), or whole tiles.
   const dim3 grid = a.splits > 1 ? dim3(a.tiles, 1, a.splits) : whole_tiles_grid(a, a.tiles, o.persistent_blocks);
-  return launch_grid<T, BT>(a, grid, o.early, o.next_early, map_x, map_w, map_s, map_z, stream);
+  return launch_grid<T, BT>(a, grid, o.early, o.next_early, m, stream);
 }
 
 template <typename T> cudaError_t launch_tiles(const GemmArgs& a, const LaunchOptions& o, cudaStream_t stream) {

@@ -644,6 +644,12 @@ def test_large_m_path_choice(monkeypatch):
     assert cuda._large_m_path(lib, x_odd, w.qweight, w.scales, w.zeros, out) == "dequant"
     y = cuda.w4a16_matmul(x_odd, w.qweight, w.scales, w.zeros, 512, 128)
     assert rel_err(y, w4a16_matmul_reference(x_odd.float(), w)) <= TOL[torch.float16]
+    # So does an out the result cannot be stored into by TMA (a 4-byte offset).
+    out_odd = torch.empty(64 * 256 + 2, device="cuda", dtype=torch.float16)[2:].view(64, 256)
+    assert cuda._large_m_path(lib, x, w.qweight, w.scales, w.zeros, out_odd) == "dequant"
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 512, 128, out=out_odd.fill_(float("nan")))
+    assert y.data_ptr() == out_odd.data_ptr()
+    assert rel_err(y, w4a16_matmul_reference(x.float(), w)) <= TOL[torch.float16]
     # Called directly with what it cannot take, the C side says which requirement failed.
     rc = lib.handle.int4ops_w4a16_gemm_sm90(
         x_odd.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(), None, 0,

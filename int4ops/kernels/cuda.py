@@ -341,8 +341,7 @@ def _large_m_path(lib: _Lib, x, qweight, scales, zeros, out) -> str:
     fits = (
         n % (8 if zeros is None else 16) == 0
         and x.shape[1] % 8 == 0
-        and all(t.data_ptr() % 16 == 0 for t in (x, qweight, scales) + (() if zeros is None else (zeros,)))
-        and out.data_ptr() % 4 == 0
+        and all(t.data_ptr() % 16 == 0 for t in (x, qweight, scales, out) + (() if zeros is None else (zeros,)))
     )
     if mode == "fused" and fits and not _gemm_sm90_why_not(lib, x.device.index):
         return "fused"
