@@ -57,15 +57,18 @@ INT4OPS_API int int4ops_w4a16_mma(const void* x, const void* qweight, const void
 // M >= 1 with wgmma tensor cores, fp32 accumulation, W rounded to the activation dtype once (as
 // dequantize + cuBLAS would). Needs a library built with sm_90a code (any build whose arch list
 // has 90), an sm_90 GPU, N % 8 == 0 (N % 16 == 0 with zero points), K % 8 == 0, 16-byte aligned
-// x, qweight, scales, zeros, workspace and out; otherwise it returns
-// INT4OPS_ERR_ARGS with a message saying which.
+// x, qweight, scales, zeros, workspace and out; otherwise it returns INT4OPS_ERR_ARGS with a
+// message saying which.
 // int4ops_w4a16_gemm_sm90_plan: how many parts K is split into for this shape on a GPU with
 // sm_count SMs (>= 1; an error code < 1 otherwise), and the workspace that needs (0: none):
 // scratch memory for the parts' fp32 sums and per-tile counters, which the call zeroes itself,
 // used until the call's kernels finish on its stream (2 parts: a stream-K launch, where a tile
 // cut by a block edge has two). INT4OPS_GEMM_SPLIT_K=0 in the environment turns splitting off,
-// INT4OPS_GEMM_STREAM_K=0|1 forces stream-K off or on wherever the last wave is not full, and
-// INT4OPS_GEMM_TILE_TOKENS=128|256 forces a tile (all read by plan and call).
+// INT4OPS_GEMM_STREAM_K=0|1 forces stream-K off or on wherever the last wave is not full,
+// INT4OPS_GEMM_PAIRS=0 runs a half-empty last wave as 128-token tiles instead of clusters of two
+// K parts, and INT4OPS_GEMM_TILE_TOKENS=128|256 forces a tile (all read by plan and call); the
+// call alone reads INT4OPS_GEMM_PERSISTENT=0 (one block per tile instead of persistent grids) and
+// INT4OPS_PDL=0 (a call's second launch starts after its first, not as its blocks leave).
 // int4ops_w4a16_gemm_sm90_supported(device): 1 if this library and that GPU can run it, else 0
 // (and int4ops_cuda_last_error says why).
 INT4OPS_API int int4ops_w4a16_gemm_sm90_plan(int M, int N, int K_rows, int sm_count, size_t* workspace_bytes);

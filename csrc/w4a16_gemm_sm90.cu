@@ -422,15 +422,15 @@ __device__ __forceinline__ void swap_halves(float (&acc)[BT / 2], uint32_t rank,
     swap_halves_at<BT, 0, BT / 16>(acc, xs, peer_free, data_in, 0);
 }
 
-// What a block computes: one to three segments, each some stages [kt0, kt1) of one tile, with
-// its own accumulators and epilogue. Without stream-K a block has one: its tile blockIdx.x,
-// whole or its K part blockIdx.z. A stream-K launch (gemm_sm90_plan)
-// has one block per SM and shares out tiles [sk_tile0, tiles), fewer than two waves' worth: their
-// stages, laid end to end, are cut into gridDim.x even ranges, one per block, and cut again at
-// tile ends, so no SM idles in a last wave. 6144x4096 at M = 1024 on 132 SMs: 192 tiles of 64
-// stages, 93 per block: one whole tile and part of another, or the ends of two (hand_over adds
-// the two parts of a tile cut by a block edge). A range is shorter than two tiles, so it touches
-// at most three (kMaxSegments). The producer and the consumers walk the same list.
+// What a block computes: one to three segments, each some stages [kt0, kt1) of one tile, with its
+// own accumulators and epilogue. Without stream-K a block has one: its tile blockIdx.x, whole or
+// its K part blockIdx.z. A stream-K launch (gemm_sm90_plan) has one block per SM and shares out
+// tiles [sk_tile0, tiles), fewer than two waves' worth: their stages, laid end to end, are cut into
+// gridDim.x even ranges, one per block, and cut again at tile ends, so no SM idles in a last wave.
+// 6144x4096 at M = 1024 on 132 SMs: 192 tiles of 64 stages, 93 per block: one whole tile and part
+// of another, or the ends of two (hand_over adds the two parts of a tile cut by a block edge). A
+// range is shorter than two tiles, so it touches at most three (kMaxSegments). The producer and the
+// consumers walk the same list.
 constexpr int kMaxSegments = 3;
 struct Segment {
   int tile, kt0, kt1;

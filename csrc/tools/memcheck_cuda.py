@@ -14,6 +14,13 @@ from int4ops.kernels import cuda
 log = logging.getLogger("memcheck_cuda")
 
 
+def matmul_error(x, w, k, gs):
+    """One call of the library's matmul; its relative Frobenius error against the reference."""
+    y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
+    ref = w4a16_matmul_reference(x.float(), w)
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -35,8 +42,7 @@ def main():
             for dtype in (torch.float16, torch.bfloat16):
                 # Exact-size allocations so out-of-bounds accesses hit unallocated memory.
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, k, gs)
-                err = ((y.float() - w4a16_matmul_reference(x.float(), w)).norm() / w4a16_matmul_reference(x.float(), w).norm()).item()
+                err = matmul_error(x, w, k, gs)
                 log.info("N=%d K=%d gs=%d sym=%s M=%d %s%s %s rel_err=%.2e", n, k, gs, sym, m, decode, tile, dtype, err)
         cuda.dequantize(w.qweight, w.scales, w.zeros, k, gs, torch.float16)
     # (256, 1000) above runs the GEMM with K split in 2 (2-3 tiles). Here 192 tiles of 256 tokens
@@ -51,10 +57,8 @@ def main():
         os.environ["INT4OPS_GEMM_PAIRS"] = pairs
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(1000, 1024, device="cuda", dtype=dtype)
-            y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
-            ref = w4a16_matmul_reference(x.float(), w)
             log.info("N=6144 K=1024 M=1000 stream-K=%s pairs=%s %s rel_err=%.2e", stream_k, pairs, dtype,
-                     ((y.float() - ref).norm() / ref.norm()).item())
+                     matmul_error(x, w, 1024, 128))
     os.environ.pop("INT4OPS_GEMM_STREAM_K")
     os.environ.pop("INT4OPS_GEMM_PAIRS")
     # 432 tiles at M = 2100 (9 token tiles, the last partial): a persistent grid of one block per
@@ -64,9 +68,7 @@ def main():
         w = quantize_rtn(torch.randn(n, 1024, device="cuda") * 0.05, group_size=128, sym=False)
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(m, 1024, device="cuda", dtype=dtype)
-            y = cuda.w4a16_matmul(x, w.qweight, w.scales, w.zeros, 1024, 128)
-            ref = w4a16_matmul_reference(x.float(), w)
-            log.info("N=%d K=1024 M=%d persistent %s rel_err=%.2e", n, m, dtype, ((y.float() - ref).norm() / ref.norm()).item())
+            log.info("N=%d K=1024 M=%d persistent %s rel_err=%.2e", n, m, dtype, matmul_error(x, w, 1024, 128))
     torch.cuda.synchronize()
     log.info("done")
 
