@@ -249,10 +249,10 @@ def test_heuristic_configs_are_valid(M, N, K, group_size):
 
 
 def test_default_kernel_rule():
-    """Untuned GPUs: the GEMM from M = 1 on large weights (the GEMV on small ones), dequantize
-    + cuBLAS past M = 128."""
+    """Untuned GPUs: the GEMV at M = 1 (any size), the GEMM up to M = 128, then dequantize
+    + cuBLAS."""
     assert tw.default_kernel(1, 4096, 4096) == "gemv"
-    assert tw.default_kernel(1, 28672, 4096) == "gemm"
+    assert tw.default_kernel(1, 28672, 4096) == "gemv"
     assert tw.default_kernel(2, 4096, 4096) == "gemm"
     assert tw.default_kernel(128, 4096, 4096) == "gemm"
     assert tw.default_kernel(129, 4096, 4096) == "dequant"

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemv import (codes_minus_zero, gdc_launch_dependents, gdc_wait, k_split, launched_early, load_scale_zero,
-                          magic_bias, scales_zeros_at, splitk_finish, splitk_target, use_pdl)
+                          magic_bias, scales_zeros_at, splitk_finish, splitk_target, tile_group_shift, use_pdl)
 
 GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum depth)
 
@@ -300,7 +300,7 @@ def w4a16_gemm(
     fold_scale = group_size_eff % block_k != 0 and not per_channel
     w4a16_gemm_kernel[grid](
         xp, qweight, scales, zeros if zeros is not None else scales, target,
-        M, N, K, qweight.shape[0], 31 if per_channel else group_shift(group_size_eff),
+        M, N, K, qweight.shape[0], tile_group_shift(group_size_eff, K),
         xp.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         FOLD_SCALE=fold_scale, DOT_DTYPE=dot_dtype, USE_ASM=ptx_ok if use_asm is None else use_asm,
@@ -310,13 +310,6 @@ def w4a16_gemm(
     )
     splitk_finish(target, out, pdl_reduce)
     return out
-
-
-def group_shift(group_size: int) -> int:
-    """log2 of a power-of-two group size (format.GROUP_SIZES): kernels index groups by shift."""
-    if group_size <= 0 or group_size & (group_size - 1):
-        raise ValueError(f"group size {group_size} is not a power of two")
-    return group_size.bit_length() - 1
 
 
 @triton.jit

@@ -2,19 +2,20 @@
 
 At M = 1..few the matmul is a pure weight stream: 0.5 byte of qweight per multiply-add, so
 the kernel's job is to keep HBM busy and to spend as few instructions per 4-bit code as it
-can. Per K-tile a program
+can (it is issue-bound, not HBM-bound: it took the same time on an H100 and on an H200 with
+1.4x the bandwidth). Per K-tile a program
 
   * loads a [BLOCK_K // 8, BLOCK_N] int32 tile of qweight: each row is contiguous along N,
     so every thread issues 16-byte vector loads and a warp reads whole 512-byte lines;
-  * turns each of the 8 codes of a word into ``q - z`` in fp32 with one LOP3 and one FADD
-    (no shift for codes 0..4, no int->float convert: see the loop) and FMAs it with x;
+  * turns each code into an exact fp32 ``1 + q * 2^-11`` or ``1 + q * 2^-7`` with one LOP3
+    (plus a shift per two codes), FMAs it with x, and takes the 1s and the zero point out
+    once per word and tile (``word_dot``: ~4 instructions per code in all, against ~5.8 for
+    the previous ``q - z``-per-code loop);
   * keeps the partial sums 2-D ([BLOCK_K // 8, BLOCK_N]) across the whole K loop and does
     the one cross-thread reduction at the very end.
 
 Because BLOCK_K divides the group size, a K-tile lies inside one group: the scale is applied
-once per tile to the [BLOCK_K // 8, BLOCK_N] partial instead of once per code, and the zero
-point folds into the constant subtracted while unpacking. Measured on an H200 this kernel is
-issue-bound (~6 instructions per code all told, see notes/triton_kernels.md), not HBM-bound.
+once per tile to the [BLOCK_K // 8, BLOCK_N] partial instead of once per code.
 
 When N / BLOCK_N programs cannot fill the GPU, K is split over a second grid axis: each
 split writes fp32 partial sums to its own slice of a workspace and ``splitk_reduce_kernel``
@@ -70,7 +71,9 @@ def magic_bias(zero, DTYPE: tl.constexpr):
 @triton.jit
 def w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr,
-    N, K, K_WORDS, group_size,
+    N, K, K_WORDS,
+    group_shift,  # log2(group size); 31 for one group per channel
+    mask_lo, mask_hi, one_bits,  # 0xF000, 0xF0000, 0x3F800000: see word_dot for why not literals
     stride_xm, stride_om, stride_split,  # out_ptr is the output (1 split) or the fp32 workspace
     k_per_split,  # a multiple of BLOCK_K
     HAS_ZEROS: tl.constexpr,
@@ -80,41 +83,41 @@ def w4a16_gemv_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
     NUM_STAGES: tl.constexpr,  # > 1: tl.range stages the tile loads through shared memory (cp.async)
     PDL_TRIGGER: tl.constexpr,  # let the split-K reduce launch now (see use_pdl)
+    EXACT: tl.constexpr,  # fp32 x: q - z per code (word_dot's products need x of <= 12 bits)
 ):
     if PDL_TRIGGER:
         gdc_launch_dependents()
     row = tl.program_id(0)  # fastest axis: rows sharing a weight tile run back to back (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    R: tl.constexpr = BLOCK_K // 8  # word rows per tile
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_word = tl.arange(0, BLOCK_K // 8)
+    offs_word = tl.arange(0, R)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # K_pad - K padded codes meet x == 0: skip them
 
     w_ptrs = qweight_ptr + (k_begin // 8 + offs_word)[:, None] * N + offs_n[None, :]
-    x_ptrs = x_ptr + row * stride_xm + k_begin + offs_word * 8  # x[k] of code 0 of each word row
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    k_word = k_begin + offs_word[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8]: k of each code
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        qw, scale, zero = _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N,
+        qw, scale, zero = _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_shift, N,
                                      offs_word, offs_n, n_mask, HAS_ZEROS, EVEN_K, EVEN_N)
-
-        # q - z for code j, with one LOP3 per code: keep nibble p where it is (bits 4p..4p+3) and
-        # OR in the exponent of 2^(23 - 4p), whose mantissa ulp is 2^-4p: the float is exactly
-        # 2^(23 - 4p) + q. Subtracting 2^(23 - 4p) + z (per tile) leaves q - z exactly. p <= 4
-        # keeps the nibble below bit 23, so codes 5..7 are read as nibbles 2..4 of (word >> 12).
-        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for p in tl.static_range(5):  # codes 0..4
-            xj = _load_x(x_ptrs + p, k0 + offs_word * 8 + p, K, EVEN_K)
-            part += _code_minus_zero(qw, p, zero) * xj[:, None]
-        qw_hi = qw >> 12
-        for p in tl.static_range(2, 5):  # codes 5..7
-            xj = _load_x(x_ptrs + p + 3, k0 + offs_word * 8 + p + 3, K, EVEN_K)
-            part += _code_minus_zero(qw_hi, p, zero) * xj[:, None]
+        # x of the tile as 16-byte rows [R, 8] (one load, not 8 strided ones), split into the
+        # 8 per-code columns x[:, j] that broadcast along N.
+        if EVEN_K:
+            xv = tl.load(x_ptr + row * stride_xm + k_word)
+        else:
+            xv = tl.load(x_ptr + row * stride_xm + k_word, mask=k_word < K, other=0.0)
+        xs = _columns(xv.to(tl.float32), R)
+        if EXACT:
+            part = _word_dot_exact(qw, xs, zero)
+        else:
+            part = word_dot(qw, xs, zero, mask_lo, mask_hi, one_bits)
         acc += part * scale[None, :]
-        x_ptrs += BLOCK_K
-        w_ptrs += (BLOCK_K // 8) * N
+        k_word += BLOCK_K
+        w_ptrs += R * N
 
     y = tl.sum(acc, axis=0)
     out = out_ptr + pid_k * stride_split + row * stride_om + offs_n
@@ -125,26 +128,94 @@ def w4a16_gemv_kernel(
 
 
 @triton.jit
-def _load_x(ptrs, k, K, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=k < K, other=0.0).to(tl.float32)
+def _columns(xv, R: tl.constexpr):
+    """x [R, 8] -> its 8 columns (x[:, 0], ..., x[:, 7]), each [R]: three splits of the
+    code index's bits, inside each thread's registers."""
+    e, o = tl.split(tl.reshape(xv, (R, 2, 2, 2)))  # bit 0 of j
+    e0, e1 = tl.split(e)  # bit 1
+    o0, o1 = tl.split(o)
+    x0, x4 = tl.split(e0)  # bit 2
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def word_dot(qw, xs, zero, mask_lo, mask_hi, one_bits):
+    """sum_j (q_j - z) * x_j for every word of qw [R, C] (x_j = xs[j]: [R], z: [C]), in fp32.
+
+    The trick: a code ORed into the mantissa of 1.0f at bits 12-15 reads as exactly
+    1 + q * 2^-11, at bits 16-19 as 1 + q * 2^-7: one LOP3 per code, no convert, no
+    subtraction. Codes 3 and 4 sit there already; 1 and 2 get there with ``<< 8``, 5 and 6
+    with ``>> 8``, 0 with ``<< 12``, 7 with ``>> 12`` (4 shifts per 8 codes). Times x (fp16
+    or bf16: <= 11 significant bits) the products are exact in fp32 (<= 23 bits), so the FMA
+    chain rounds only its sums. Per word and tile the 1s are taken back out, scaled like the
+    codes (2^11 and 2^7), together with the zero point's z * sum x: ~3.4 instructions per code
+    plus ~0.6 for that, where ``q - z`` per code (LOP3, FADD, FFMA) measured 5.8 all told.
+
+    The masks and 1.0f's bits come in as kernel arguments: as literals, ptxas rebuilt them
+    with a MOV before nearly every LOP3 (a LOP3 takes one immediate), ~50 extra instructions
+    per 64 codes.
+    """
+    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+    up8 = qw << 8
+    down8 = qw >> 8  # arithmetic shift: the sign bits land above bit 19, outside both masks
+    a_lo = _one_plus(qw << 12, mask_lo, one_bits) * x0[:, None]  # codes 0, 1, 3, 5 at bits 12-15
+    a_lo += _one_plus(up8, mask_lo, one_bits) * x1[:, None]
+    a_lo += _one_plus(qw, mask_lo, one_bits) * x3[:, None]
+    a_lo += _one_plus(down8, mask_lo, one_bits) * x5[:, None]
+    a_hi = _one_plus(up8, mask_hi, one_bits) * x2[:, None]  # codes 2, 4, 6, 7 at bits 16-19
+    a_hi += _one_plus(qw, mask_hi, one_bits) * x4[:, None]
+    a_hi += _one_plus(down8, mask_hi, one_bits) * x6[:, None]
+    a_hi += _one_plus(qw >> 12, mask_hi, one_bits) * x7[:, None]
+    sum_lo = x0 + x1 + x3 + x5
+    sum_hi = x2 + x4 + x6 + x7
+    ones = 2048.0 * sum_lo + 128.0 * sum_hi  # what the 1s contributed, in the codes' units
+    u = a_lo * 2048.0 - ones[:, None]
+    u = a_hi * 128.0 + u
+    return u - zero[None, :] * (sum_lo + sum_hi)[:, None]
+
+
+@triton.jit
+def _one_plus(words, mask, one_bits):
+    """The fp32 whose bits are ``(words & mask) | one_bits``: 1 + (the masked nibble) * ulp."""
+    return ((words & mask) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dot_exact(qw, xs, zero):
+    """``word_dot`` for fp32 x (24-bit products would round): q - z per code, exactly, with
+    one LOP3 and one FADD (codes_minus_zero's trick with the nibble left in place)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+    part = _code_minus_zero(qw, 0, zero) * x0[:, None]
+    part += _code_minus_zero(qw, 1, zero) * x1[:, None]
+    part += _code_minus_zero(qw, 2, zero) * x2[:, None]
+    part += _code_minus_zero(qw, 3, zero) * x3[:, None]
+    part += _code_minus_zero(qw, 4, zero) * x4[:, None]
+    qw_hi = qw >> 12  # codes 5..7 as nibbles 2..4 (nibble p <= 4 keeps below bit 23)
+    part += _code_minus_zero(qw_hi, 2, zero) * x5[:, None]
+    part += _code_minus_zero(qw_hi, 3, zero) * x6[:, None]
+    part += _code_minus_zero(qw_hi, 4, zero) * x7[:, None]
+    return part
 
 
 @triton.jit
 def _code_minus_zero(words, P: tl.constexpr, zero):
-    """q - z in fp32 for nibble P (0..4) of words [R, C], zero points [C] (see the kernel)."""
+    """q - z in fp32 for nibble P (0..4) of words [R, C], zero points [C]: nibble P ORed
+    with the exponent of 2^(23 - 4P), whose mantissa ulp is 2^-4P, reads as exactly
+    2^(23 - 4P) + q; subtracting 2^(23 - 4P) + z leaves q - z."""
     magic = (150 - 4 * P) << 23  # the bits of 2^(23 - 4P)
     code = ((words & (0xF << (4 * P))) | magic).to(tl.float32, bitcast=True)
     return code - ((1 << (23 - 4 * P)) + zero)[None, :]
 
 
 @triton.jit
-def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_size, N, offs_word, offs_n, n_mask,
+def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_shift, N, offs_word, offs_n, n_mask,
                HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """The packed weights [BLOCK_K // 8, BLOCK_N] of the K-tile at k0, and its group's scale and
     zero point as fp32 [BLOCK_N]."""
-    g = k0 // group_size
+    g = k0 >> group_shift
     if EVEN_K and EVEN_N:
         qw = tl.load(w_ptrs)
     elif EVEN_K:
@@ -247,6 +318,19 @@ def k_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return tiles_per_split * block_k, triton.cdiv(k_tiles, tiles_per_split)
 
 
+def group_shift(group_size: int) -> int:
+    """log2 of a power-of-two group size (format.GROUP_SIZES): kernels index groups by shift."""
+    if group_size <= 0 or group_size & (group_size - 1):
+        raise ValueError(f"group size {group_size} is not a power of two")
+    return group_size.bit_length() - 1
+
+
+def tile_group_shift(group_size_eff: int, K: int) -> int:
+    """The group shift of a kernel whose K-tiles lie inside one group: 31 for one group per
+    channel (every k >> 31 is 0; its effective size K_pad need not be a power of two)."""
+    return 31 if group_size_eff >= K else group_shift(group_size_eff)
+
+
 def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, block_k, split_k, num_warps=4, num_stages=1):
     """Launch the decode kernel. Arguments are checked and contiguous (see triton_w4a16)."""
     M, N = out.shape
@@ -256,11 +340,11 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
     pdl = split_k > 1 and use_pdl(x.device)  # the reduce launches early
     w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, target,
-        N, K, qweight.shape[0], group_size_eff,
+        N, K, qweight.shape[0], tile_group_shift(group_size_eff, K), 0xF000, 0xF0000, 0x3F800000,
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages, PDL_TRIGGER=pdl,
-        num_warps=num_warps,
+        EXACT=x.dtype == torch.float32, num_warps=num_warps,
     )
     splitk_finish(target, out, pdl)
     return out
