@@ -10,10 +10,10 @@ of a wgmma may live in registers: Triton loads the packed words into shared memo
 there, so the 16-bit weights never touch shared memory. (With W on the right, as in a
 plain ``x @ W^T`` tile, the unpacked tile has to be restaged through shared memory before
 every MMA; that kernel reached 0.45-0.6x of cuBLAS at M = 32-64 on an H100, this one
-0.9-2.0x.) The small M becomes the MMA's N (16..64, no padding to 64 rows); even at M = 1
-(15 of 16 MMA columns idle) this beats the FMA-based GEMV on large weights, because the
-tensor cores take the multiply-adds and the unpacking (PTX, ``unpack_codes_ptx``) costs
-~1.3 instructions per code.
+0.9-2.0x.) The small M becomes the MMA's N (16..64, no padding to 64 rows); the tensor cores
+take the multiply-adds and the unpacking (PTX, ``unpack_codes_ptx``) costs ~1.3 instructions
+per code. At M = 1 (15 of 16 MMA columns idle, plus the x permute launch) the GEMV is faster on
+every measured shape (its ``word_dot``: ~4 instructions per code, session 13).
 
 Unpacking without shuffles. A K-tile of BLOCK_K = 128 is 16 packed words per output
 feature; word i holds the codes of k = 8 i + j, j = 0..7 (format.py). The tile is done
