@@ -349,6 +349,51 @@ def test_gpu_pdl_same_bits(kernel, M, config, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 64))  # the GEMV; the GEMM behind an early permute
+def test_gpu_pdl_waits_for_the_kernel_before(M):
+    """The first kernel of a call is launched early (PDL) behind whatever kernel came before.
+    Here that kernel lets it in at once and writes x only after ~2 ms of spinning: a call
+    that read x before its ``gdc_wait`` would see the stale x (zeros)."""
+    import triton
+
+    from int4ops.kernels.triton_gemv import use_pdl
+    x, w, ref, seed = make_problem(M, 4096, 4096, 128, False, torch.float16, device="cuda")
+    if not use_pdl(x.device):
+        pytest.skip("no programmatic dependent launch on this GPU (needs sm_90+)")
+    x_buf = torch.empty_like(x)
+    grid = (triton.cdiv(x.numel(), 1024),)
+    # Compile both first (16 spins: the same Triton specialisation as 2^16): a compile or
+    # module load between the two launches would outlast the spin.
+    _late_copy_kernel[grid](x, x_buf, x.numel(), 16, BLOCK=1024, num_warps=4)
+    tw.w4a16_matmul(x_buf, *args(x, w)[1:])
+    x_buf.zero_()
+    out = poisoned(ref.shape, torch.float16, "cuda")  # its fill kernel must not come in between
+    _late_copy_kernel[grid](x, x_buf, x.numel(), 1 << 16, BLOCK=1024, num_warps=4)
+    tw.w4a16_matmul(x_buf, *args(x, w)[1:], out=out)
+    check(out, ref, torch.float16, f"M={M} seed={seed}")
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from int4ops.kernels.triton_gemv import gdc_launch_dependents
+
+    @triton.jit
+    def _late_copy_kernel(src_ptr, dst_ptr, n, spins, BLOCK: tl.constexpr):
+        """dst = src, written after ``spins`` dependent FMAs; lets PDL kernels launch at once."""
+        gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(src_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        t = v * 0.0 + 1.0
+        for _ in range(spins):
+            t = t * 0.9999999 + 1e-7
+        tl.store(dst_ptr + offs, (v + (t - t)).to(dst_ptr.dtype.element_ty), mask=offs < n)
+except ImportError:  # no Triton: the GPU tests skip anyway
+    pass
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", (1, 64))
 def test_gpu_opcheck(M):
     x, w, _, _ = make_problem(M, 512, 384, 128, False, torch.float16, device="cuda")

@@ -55,11 +55,13 @@ GEMM_BLOCK_K = 128  # 16 words per feature: 8 dots of depth 16 (tl.dot's minimum
 
 @triton.jit
 def permute_x_kernel(x_ptr, xp_ptr, K, K_TILES, stride_xm, stride_pm, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-                     PDL_TRIGGER: tl.constexpr):
+                     PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr):
     """xp[m, k0 + (BLOCK_K // 8) j + i] = x[m, k0 + 8 i + j] for one row m and TILES K-tiles
     k0 (several per program: at one tile per program the launch of thousands of one-warp
     programs cost more than the copy); columns past K become 0 (they meet the padded codes
     of the last group)."""
+    if PDL_WAIT:
+        gdc_wait()
     if PDL_TRIGGER:
         gdc_launch_dependents()
     m = tl.program_id(0)
@@ -256,13 +258,15 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def permute_x(x: torch.Tensor, K: int, block_k: int = GEMM_BLOCK_K, pdl: bool = False) -> torch.Tensor:
     """x [M, K] -> xp [M, K rounded up to block_k], permuted as the GEMM kernel reads it;
-    ``pdl``: the next kernel may launch early (it must ``gdc_wait`` before reading xp)."""
+    ``pdl``: launch it early too (it waits for the kernel before), and let the next kernel
+    launch early (it must ``gdc_wait`` before reading xp)."""
     M = x.shape[0]
     k_tiles = triton.cdiv(K, block_k)
     xp = torch.empty((M, k_tiles * block_k), dtype=x.dtype, device=x.device)
     tiles = min(8, triton.next_power_of_2(k_tiles))
     permute_x_kernel[(M, triton.cdiv(k_tiles, tiles))](x, xp, K, k_tiles, x.stride(0), xp.stride(0),
-                                                        BLOCK_K=block_k, TILES=tiles, PDL_TRIGGER=pdl, num_warps=4)
+                                                        BLOCK_K=block_k, TILES=tiles, PDL_WAIT=pdl, PDL_TRIGGER=pdl,
+                                                        num_warps=4, **launched_early(pdl))
     return xp
 
 
@@ -277,10 +281,12 @@ def w4a16_gemm(
         raise ValueError(f"the GEMM kernel's block_k is {GEMM_BLOCK_K} (8 dots of depth 16), got {block_k}")
     M, N = out.shape
     k_per_split, split_k = k_split(K, block_k, split_k)
-    # One early launch per call (use_pdl). Both (permute -> GEMM -> reduce) was slower than
-    # either alone at M >= 4 (11.1 -> 14.4 us at 4096x4096 M=16, H100). Of the two, the
+    # One early launch inside a call (use_pdl). Both (permute -> GEMM -> reduce) was slower
+    # than either alone at M >= 4 (11.1 -> 14.4 us at 4096x4096 M=16, H100). Of the two, the
     # reduce gains more behind GEMMs of 16-row tiles with split K, the GEMM elsewhere (M=64:
-    # 13.6 vs 14.3 us at 4096x4096; bench/results/pdl_h100_2026-11-22.txt).
+    # 13.6 vs 14.3 us at 4096x4096; bench/results/pdl_h100_2026-11-22.txt). The permute
+    # itself launches early only in front of an early GEMM: 0.2-0.6 us less at M = 64, but
+    # 0.1-0.2 us more in front of the 16-row GEMMs (notes/triton_kernels.md, session 14).
     pdl = use_pdl(x.device)
     pdl_reduce = pdl and split_k > 1 and block_m <= 16
     pdl_gemm = pdl and not pdl_reduce

@@ -82,9 +82,12 @@ def w4a16_gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (every real layer)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
     NUM_STAGES: tl.constexpr,  # > 1: tl.range stages the tile loads through shared memory (cp.async)
+    PDL_WAIT: tl.constexpr,  # launched early (use_pdl): wait for the kernel before (it may write x)
     PDL_TRIGGER: tl.constexpr,  # let the split-K reduce launch now (see use_pdl)
     EXACT: tl.constexpr,  # fp32 x: q - z per code (word_dot's products need x of <= 12 bits)
 ):
+    if PDL_WAIT:
+        gdc_wait()
     if PDL_TRIGGER:
         gdc_launch_dependents()
     row = tl.program_id(0)  # fastest axis: rows sharing a weight tile run back to back (L2 reuse)
@@ -292,18 +295,22 @@ def _pdl_capable(device: torch.device) -> bool:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether a call may launch one of its kernels with programmatic dependent launch (PDL).
+    """Whether a call may launch its kernels with programmatic dependent launch (PDL).
 
     A call is 2-3 short kernels (x permute, GEMM or GEMV, split-K reduce) of a few us each,
     so the launch gaps between them count. With PDL (Hopper and later) a kernel calls
     ``gdc_launch_dependents`` as it starts, and the next kernel, launched with
     ``launch_pdl=True``, is scheduled at once instead of after it: its programs become
     resident and block in ``gdc_wait``, their first instruction, which returns once the
-    previous grid has finished and its writes are visible. Only a kernel of the same call
-    is launched this way, and it waits before touching memory, so the order of the stream is
-    unchanged. H100, CUDA graphs: 9.1 -> 8.1 us for the GEMV + reduce at 4096x4096 M=1,
-    11.1 -> 9.8 us for the GEMM at M=16 (bench/results/pdl_h100_2026-11-22.txt).
-    ``INT4OPS_PDL=0`` turns it off (A/B timing)."""
+    previous grid has finished and its writes are visible. Every kernel launched this way
+    waits before touching memory, so the order of the stream is unchanged. Only a kernel of
+    the same call is let in early. The decode GEMV (and the permute before an early GEMM)
+    is launched with PDL too, behind whatever kernel precedes the call; that kernel does not
+    trigger (ours only trigger for the next kernel of their own call), so there PDL only
+    shortens the launch: ~0.2-0.3 us.
+    H100, CUDA graphs: 9.1 -> 8.1 us for the GEMV + reduce at 4096x4096 M=1, 11.1 -> 9.8 us
+    for the GEMM at M=16 (bench/results/pdl_h100_2026-11-22.txt); 6.8 -> 6.55 us more for
+    the early GEMV (session 14). ``INT4OPS_PDL=0`` turns it off (A/B timing)."""
     return os.environ.get("INT4OPS_PDL", "1") != "0" and _pdl_capable(device)
 
 
@@ -339,14 +346,15 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
     k_per_split, split_k = k_split(K, block_k, split_k)
     target = splitk_target(out, split_k)
     grid = (M, triton.cdiv(N, block_n), split_k)
-    pdl = split_k > 1 and use_pdl(x.device)  # the reduce launches early
+    pdl = use_pdl(x.device)
     w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, target,
         N, K, qweight.shape[0], tile_group_shift(group_size_eff, K), 0xF000, 0xF0000, 0x3F800000,
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages, PDL_TRIGGER=pdl,
-        EXACT=x.dtype == torch.float32, num_warps=num_warps,
+        EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
+        PDL_WAIT=pdl, PDL_TRIGGER=pdl and split_k > 1, EXACT=x.dtype == torch.float32, num_warps=num_warps,
+        **launched_early(pdl),
     )
-    splitk_finish(target, out, pdl)
+    splitk_finish(target, out, pdl and split_k > 1)
     return out
