@@ -308,9 +308,10 @@ def use_pdl(device: torch.device) -> bool:
     is launched with PDL too, behind whatever kernel precedes the call; that kernel does not
     trigger (ours only trigger for the next kernel of their own call), so there PDL only
     shortens the launch: ~0.2-0.3 us.
-    H100, CUDA graphs: 9.1 -> 8.1 us for the GEMV + reduce at 4096x4096 M=1, 11.1 -> 9.8 us
-    for the GEMM at M=16 (bench/results/pdl_h100_2026-11-22.txt); 6.8 -> 6.55 us more for
-    the early GEMV (session 14). ``INT4OPS_PDL=0`` turns it off (A/B timing)."""
+    H100, CUDA graphs, 4096x4096: the early reduce took the GEMV + reduce at M=1 from 9.1 to
+    8.1 us and the GEMM at M=16 from 11.1 to 9.8 us (bench/results/pdl_h100_2026-11-22.txt);
+    the early GEMV then 6.8 -> 6.55 us (session 14, notes/triton_kernels.md item 18).
+    ``INT4OPS_PDL=0`` turns it all off (A/B timing)."""
     return os.environ.get("INT4OPS_PDL", "1") != "0" and _pdl_capable(device)
 
 
