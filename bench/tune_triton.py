@@ -37,7 +37,7 @@ def candidates(M):
     gemm = lambda bm, bn, s, w=4, st=3: dict(kernel="gemm", block_m=bm, block_n=bn, block_k=128, split_k=s,
                                              num_warps=w, num_stages=st)
     deq = [dict(kernel="dequant", block_n=bn, block_k=128, num_warps=4) for bn in (64, 128)]
-    splits = (1, 2, 4, 8)
+    splits = (1, 2, 3, 4, 6, 8)
     gemv_splits = (1, 2, 3, 4, 6, 8, 9, 11, 13, 16, 21)  # the best sat at 3, 9 and 13 on an H100
     if M == 1:  # the GEMV, and the GEMM with 15 of its 16 MMA rows idle
         return ([gemv(bn, 1, s) for bn in (32, 64, 128) for s in gemv_splits]
