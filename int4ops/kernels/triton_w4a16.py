@@ -121,7 +121,7 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
                 num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
-def default_kernel(M: int, N: int, K: int) -> str:
+def default_kernel(M: int) -> str:
     """M = 1: the GEMV (its word_dot spends ~4 instructions per code; it beat the fused GEMM,
     which runs a single row on the tensor cores with 15 of 16 MMA rows idle, at all five
     H100 shapes). M = 2..128: the fused GEMM. Past M = 128 dequantize + cuBLAS wins."""
@@ -171,7 +171,7 @@ def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int,
         cfg = _tuned(table, M, N, K, group_size)
         if cfg is not None:
             return cfg
-    return heuristic_config(forced or default_kernel(M, N, K), M, N, K, group_size, sms)
+    return heuristic_config(forced or default_kernel(M), M, N, K, group_size, sms)
 
 
 # ----------------------------------------------------------------------------------------------
