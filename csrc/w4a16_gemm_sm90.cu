@@ -104,11 +104,6 @@ struct GemmArgs {
   int tile_stages;        // 64-k stages of a whole tile (all of K)
   // Split K (reduce_parts): blockIdx.z takes stages [z * split_stages, (z + 1) * split_stages).
   int splits = 1, split_stages = 1 << 30;
-  // The two K parts (splits = 2) of each tile are a cluster of 2 blocks and add up through
-  // distributed shared memory (swap_halves), not the workspace.
-  bool pair = false;
-  // Whole tiles on a persistent grid (TileWork): block b runs tiles b, b + gridDim.x, ...
-  bool persistent = false;
   // Programmatic dependent launch (launch_grid): the next launch of this call may start early /
   // this launch started early.
   bool next_early = false, early = false;
@@ -298,7 +293,7 @@ __device__ __forceinline__ int fetch_add_acq_rel(int* p, int v) {
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory"); }
 
-// --- A tile's two K parts in a cluster of two blocks (GemmArgs::pair) -------------------------
+// --- A tile's two K parts in a cluster of two blocks (LaunchKind::kPair) -------------------
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
@@ -463,7 +458,7 @@ struct BlockWork {
   }
 };
 
-// A persistent launch (GemmArgs::persistent; one block per SM, fewer blocks than tiles): block b
+// A persistent launch (LaunchKind::kPersistent; one block per SM, fewer blocks than tiles): block b
 // runs the whole tiles b, b + gridDim.x, b + 2 gridDim.x, ..., the order in which a plain launch's
 // waves would run them. What it saves is the block turnover between tiles: a new block's setup,
 // its first copies' latency and the ring's fill (the producer loads the next tile's first stages
@@ -556,8 +551,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BT / 2], uint32_t 
 // its code (with the pair code in the one kernel, every other launch ran ~0.5 us a block slower on
 // an H200):
 //   kSegments:  one to kMaxSegments segments per block (one tile, a K part, stream-K's shares);
-//   kPair:      GemmArgs::pair clusters;
-//   kPersistent: GemmArgs::persistent, any number of whole tiles per block (TileWork).
+//   kPair:      clusters of a tile's two K parts (LaunchOptions::pair);
+//   kPersistent: a persistent grid, any number of whole tiles per block (TileWork, whole_tiles).
 enum class LaunchKind { kSegments, kPair, kPersistent };
 
 template <typename T, int BT, LaunchKind kKind>
@@ -785,27 +780,33 @@ using GemmKernel = void (*)(GemmArgs, CUtensorMap, CUtensorMap, CUtensorMap, CUt
 struct TensorMaps {
   CUtensorMap x, w, s, z, out;
 };
-template <typename T, int BT> GemmKernel kernel_for(const GemmArgs& a) {
+// A launch's grid and the kernel instantiation that runs it.
+struct LaunchShape {
+  dim3 grid;
+  LaunchKind kind;
+};
+template <typename T, int BT> GemmKernel kernel_for(LaunchKind kind) {
   if constexpr (BT == 256) {
-    if (a.pair) return w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPair>;
+    if (kind == LaunchKind::kPair) return w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPair>;
   }
-  return a.persistent ? w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPersistent>
-                      : w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kSegments>;
+  return kind == LaunchKind::kPersistent ? w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kPersistent>
+                                         : w4a16_gemm_sm90_kernel<T, BT, LaunchKind::kSegments>;
 }
 
 // One launch of the kernel. `early`: with programmatic dependent launch, so that its blocks take
 // the SMs as the previous launch's blocks leave (the kernel's griddepcontrol says why that is
 // safe); `next_early`: the next launch is an early one (it does not start before this one says
-// so). a.pair launches run in clusters of a tile's two K parts (grid z = 2, swap_halves).
+// so). kPair launches run in clusters of a tile's two K parts (grid z = 2, swap_halves).
 template <typename T, int BT>
-cudaError_t launch_grid(GemmArgs a, dim3 grid, bool early, bool next_early, const TensorMaps& m,
+cudaError_t launch_grid(GemmArgs a, LaunchShape shape, bool early, bool next_early, const TensorMaps& m,
                         cudaStream_t stream) {
   a.early = early;
   a.next_early = next_early;
-  const GemmKernel kernel = kernel_for<T, BT>(a);
+  const GemmKernel kernel = kernel_for<T, BT>(shape.kind);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<BT>::kSmemBytes);
   if (err != cudaSuccess) return err;
-  LaunchConfig lc(grid, dim3(kThreads), Tile<BT>::kSmemBytes, stream, early, a.pair ? 2 : 1);
+  LaunchConfig lc(shape.grid, dim3(kThreads), Tile<BT>::kSmemBytes, stream, early,
+                  shape.kind == LaunchKind::kPair ? 2 : 1);
   return cudaLaunchKernelEx(&lc.cfg, kernel, a, m.x, m.w, m.s, m.z, m.out);
 }
 
@@ -815,17 +816,19 @@ struct LaunchOptions {
   int tile_tokens = 256;      // 128 or 256
   int sk_blocks = 0;          // > 0: a stream-K launch of that many blocks (GemmArgs::sk_tile0: where its shared tiles start)
   int persistent_blocks = 0;  // > 0: whole tiles, where they are more, run on a persistent grid of this many blocks
+  bool pair = false;          // the K parts (splits = 2) of each tile are a cluster of 2 blocks that add up
+                              // through distributed shared memory (swap_halves), not the workspace
   bool early = false;         // the first launch here starts early
   bool next_early = false;    // the launch after the last one here will
   bool pdl = false;           // the stream-K launch after whole waves here starts early
 };
 
-// The grid of a launch of whole tiles [0, tiles): one block per tile, or where they are more than
+// A launch of whole tiles [0, tiles): one block per tile, or where they are more than
 // `max_blocks` (the SMs), a persistent grid of that many blocks (TileWork).
-dim3 whole_tiles_grid(GemmArgs& a, int tiles, int max_blocks) {
+LaunchShape whole_tiles(GemmArgs& a, int tiles, int max_blocks) {
   a.tiles = tiles;
-  a.persistent = max_blocks > 0 && tiles > max_blocks;
-  return a.persistent ? dim3(max_blocks) : dim3(tiles);
+  if (max_blocks > 0 && tiles > max_blocks) return {dim3(max_blocks), LaunchKind::kPersistent};
+  return {dim3(tiles), LaunchKind::kSegments};
 }
 
 // How many clusters of two 256-token blocks the current GPU runs at once (a cluster's blocks share
@@ -874,16 +877,18 @@ cudaError_t launch(GemmArgs a, LaunchOptions o, cudaStream_t stream) {
     if (a.sk_tile0 > 0) {
       GemmArgs whole = a;
       whole.sk_tile0 = -1;
-      const dim3 grid = whole_tiles_grid(whole, a.sk_tile0, o.persistent_blocks);
-      const cudaError_t err = launch_grid<T, BT>(whole, grid, o.early, o.pdl, m, stream);
+      const LaunchShape shape = whole_tiles(whole, a.sk_tile0, o.persistent_blocks);
+      const cudaError_t err = launch_grid<T, BT>(whole, shape, o.early, o.pdl, m, stream);
       if (err != cudaSuccess) return err;
       o.early = o.pdl;
     }
-    return launch_grid<T, BT>(a, dim3(o.sk_blocks), o.early, o.next_early, m, stream);
+    return launch_grid<T, BT>(a, {dim3(o.sk_blocks), LaunchKind::kSegments}, o.early, o.next_early, m, stream);
   }
   // K parts (split K: grid z; a tile's pair: a cluster along z), or whole tiles.
-  const dim3 grid = a.splits > 1 ? dim3(a.tiles, 1, a.splits) : whole_tiles_grid(a, a.tiles, o.persistent_blocks);
-  return launch_grid<T, BT>(a, grid, o.early, o.next_early, m, stream);
+  const LaunchShape shape = a.splits > 1
+                                ? LaunchShape{dim3(a.tiles, 1, a.splits), o.pair ? LaunchKind::kPair : LaunchKind::kSegments}
+                                : whole_tiles(a, a.tiles, o.persistent_blocks);
+  return launch_grid<T, BT>(a, shape, o.early, o.next_early, m, stream);
 }
 
 template <typename T> cudaError_t launch_tiles(const GemmArgs& a, const LaunchOptions& o, cudaStream_t stream) {
@@ -1014,15 +1019,15 @@ cudaError_t gemm_sm90_launch(const GemmPlan& plan, const void* x, const void* qw
     const int max_pairs = !plan.tail_pairs              ? 0
                           : act_dtype == INT4OPS_F16 ? pair_clusters<__half>()
                                                      : pair_clusters<__nv_bfloat16>();
-    if (tail_tiles <= max_pairs) {
-      tail.pair = true;
+    LaunchOptions first = o, second = o;
+    second.pair = tail_tiles <= max_pairs;
+    if (second.pair) {
       tail.splits = 2;
       tail.split_stages = plan.split_stages;
     }
-    LaunchOptions first = o, second = o;
     first.tile_tokens = 256;
     first.next_early = second.early = plan.pdl;
-    second.tile_tokens = tail.pair ? 256 : 128;
+    second.tile_tokens = second.pair ? 256 : 128;
     cudaError_t err = run(channel_slice(a, 0, n1), first, stream);
     if (err != cudaSuccess) return err;
     return run(tail, second, stream);
