@@ -33,15 +33,17 @@ MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096]
 
 
 def candidates(M):
-    gemv = lambda bn, st, s, w=4: dict(kernel="gemv", block_n=bn, block_k=128, num_warps=w, num_stages=st, split_k=s)
+    gemv = lambda bn, st, s, w=4, bk=128: dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+                                               split_k=s)
     gemm = lambda bm, bn, s, w=4, st=3: dict(kernel="gemm", block_m=bm, block_n=bn, block_k=128, split_k=s,
                                              num_warps=w, num_stages=st)
     deq = [dict(kernel="dequant", block_n=bn, block_k=128, num_warps=4) for bn in (64, 128)]
     splits = (1, 2, 3, 4, 6, 8)
     gemv_splits = (1, 2, 3, 4, 6, 8, 9, 11, 13, 16, 21)  # the best sat at 3, 9 and 13 on an H100
-    if M == 1:  # the GEMV, and the GEMM with 15 of its 16 MMA rows idle
-        return ([gemv(bn, 1, s) for bn in (32, 64, 128) for s in gemv_splits]
-                + [gemm(16, bn, s) for bn in (64, 128) for s in (*splits, 16)])
+    if M == 1:  # the GEMV (tiles of one and of two groups), and the GEMM with 15 of its 16 MMA rows idle
+        return ([gemv(bn, 1, s) for bn in (16, 32, 64, 128) for s in gemv_splits]
+                + [gemv(bn, 1, s, w, 256) for bn, w in ((16, 2), (16, 4), (32, 4), (64, 4)) for s in gemv_splits]
+                + [gemm(16, 64, s) for s in (1, 2, 4, 8, 16)])
     if M <= 16:
         return ([gemv(64, 1, s) for s in gemv_splits] if M <= 4 else []) + [
             gemm(16, bn, s, w) for bn, w in ((64, 4), (128, 4), (128, 8)) for s in (*splits, 16)]

@@ -101,6 +101,9 @@ SPLIT_CASES = [
     ("gemv", (1, 96, 256, 128, False), dict(block_k=32, block_n=32, split_k=3)),
     ("gemv", (2, 33, 172, -1, True), dict(block_k=16, block_n=128, split_k=100)),
     ("gemv", (3, 96, 256, 256, False), dict(block_k=256, block_n=16, split_k=1)),
+    # tiles spanning several groups (one scale row per sub-tile), the last one past K
+    ("gemv", (1, 96, 256, 32, False), dict(block_k=128, block_n=32, split_k=1)),
+    ("gemv", (2, 33, 300, 64, True), dict(block_k=256, block_n=32, split_k=2)),
     ("gemm", (16, 33, 172, 128, True), dict(block_m=32, block_n=16, split_k=2)),
     ("gemm", (3, 96, 100, -1, False), dict(block_m=16, block_n=64, split_k=1)),
     ("gemm", (70, 96, 384, 128, False), dict(block_m=32, block_n=32, split_k=2)),  # 3 row tiles
@@ -243,8 +246,8 @@ def test_heuristic_configs_are_valid(M, N, K, group_size):
         assert bk >= 16 and bk & (bk - 1) == 0, cfg
         if kernel == "gemm":
             assert bk == 128, cfg  # fixed K-tile; small groups fold the scale instead
-        else:
-            assert group_size == -1 or group_size % bk == 0, cfg
+        elif kernel == "dequant":
+            assert group_size == -1 or group_size % bk == 0, cfg  # (the GEMV takes any K-tile)
         assert 1 <= cfg.get("split_k", 1) <= math.ceil(K / bk), cfg
 
 
@@ -267,8 +270,9 @@ def test_shipped_tuned_configs_are_valid():
             for m, cfg in by_m.items():
                 assert cfg["kernel"] in KERNELS and int(m) >= 1, (path.name, shape, m)
                 assert cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, shape, m)
-                refit = tw._tuned(tw_table(data), int(m), N, K, 32)
-                assert refit["block_k"] == 128 if cfg["kernel"] == "gemm" else refit["block_k"] <= 32
+                refit = tw._tuned(tw_table(data), int(m), N, K, 32)["block_k"]
+                # the GEMM's K-tile is fixed, the dequant's divides the group, the GEMV's is kept
+                assert refit == {"gemm": 128, "dequant": min(32, cfg["block_k"])}.get(cfg["kernel"], cfg["block_k"])
 
 
 def tw_table(data):

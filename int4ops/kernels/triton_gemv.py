@@ -78,7 +78,8 @@ def w4a16_gemv_kernel(
     k_per_split,  # a multiple of BLOCK_K
     HAS_ZEROS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # divides group_size, so a K-tile never straddles two groups
+    BLOCK_K: tl.constexpr,  # codes along K per loaded tile: TILES sub-tiles of TILE_K
+    TILE_K: tl.constexpr,  # divides group_size, so a sub-tile never straddles two groups
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (every real layer)
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
     NUM_STAGES: tl.constexpr,  # > 1: tl.range stages the tile loads through shared memory (cp.async)
@@ -93,36 +94,41 @@ def w4a16_gemv_kernel(
     row = tl.program_id(0)  # fastest axis: rows sharing a weight tile run back to back (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    R: tl.constexpr = BLOCK_K // 8  # word rows per tile
+    # A tile is [TILES, R, BLOCK_N] words: TILES sub-tiles of R word rows, each inside one
+    # group (one scale row). Several sub-tiles per tile put all of a short split's loads in
+    # flight at once instead of one round trip to HBM per group.
+    TILES: tl.constexpr = BLOCK_K // TILE_K
+    R: tl.constexpr = TILE_K // 8
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_word = tl.arange(0, R)
+    offs_t = tl.arange(0, TILES)
+    word_rows = offs_t[:, None] * R + tl.arange(0, R)[None, :]  # [TILES, R] within the tile
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # K_pad - K padded codes meet x == 0: skip them
 
-    w_ptrs = qweight_ptr + (k_begin // 8 + offs_word)[:, None] * N + offs_n[None, :]
-    k_word = k_begin + offs_word[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8]: k of each code
-    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    w_ptrs = qweight_ptr + (k_begin // 8 + word_rows)[:, :, None] * N + offs_n[None, None, :]
+    k_word = k_begin + word_rows[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [TILES, R, 8]: k of each code
+    acc = tl.zeros((TILES, R, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        qw, scale, zero = _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_shift, N,
-                                     offs_word, offs_n, n_mask, HAS_ZEROS, EVEN_K, EVEN_N)
-        # x of the tile as 16-byte rows [R, 8] (one load, not 8 strided ones), split into the
-        # 8 per-code columns x[:, j] that broadcast along N.
+        qw, scale, zero = _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K, K_WORDS, group_shift, N,
+                                     word_rows, offs_t * TILE_K, offs_n, n_mask, HAS_ZEROS, EVEN_K, EVEN_N)
+        # x of the tile as 16-byte rows [TILES, R, 8] (one load, not 8 strided ones), split
+        # into the 8 per-code columns x[..., j] that broadcast along N.
         if EVEN_K:
             xv = tl.load(x_ptr + row * stride_xm + k_word)
         else:
             xv = tl.load(x_ptr + row * stride_xm + k_word, mask=k_word < K, other=0.0)
-        xs = _columns(xv.to(tl.float32), R)
+        xs = _columns(xv.to(tl.float32), TILES, R)
         if EXACT:
             part = _word_dot_exact(qw, xs, zero)
         else:
             part = word_dot(qw, xs, zero, mask_lo, mask_hi, one_bits)
-        acc += part * scale[None, :]
+        acc += part * scale
         k_word += BLOCK_K
-        w_ptrs += R * N
+        w_ptrs += (BLOCK_K // 8) * N
 
-    y = tl.sum(acc, axis=0)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
     out = out_ptr + pid_k * stride_split + row * stride_om + offs_n
     if EVEN_N:
         tl.store(out, y.to(out_ptr.dtype.element_ty))
@@ -131,24 +137,26 @@ def w4a16_gemv_kernel(
 
 
 @triton.jit
-def _columns(xv, R: tl.constexpr):
-    """x [R, 8] -> its 8 columns (x[:, 0], ..., x[:, 7]), each [R]: three splits of the
+def _columns(xv, TILES: tl.constexpr, R: tl.constexpr):
+    """x [TILES, R, 8] -> its 8 columns x[..., j], each [TILES, R, 1]: three splits of the
     code index's bits within each thread's registers. (On the GPU the columns then reach the
     weight tile's row layout through one small shared-memory exchange per tile, cheaper than
     the 8 strided 2-byte loads per row it replaces.)"""
-    e, o = tl.split(tl.reshape(xv, (R, 2, 2, 2)))  # bit 0 of j
+    e, o = tl.split(tl.reshape(xv, (TILES, R, 2, 2, 2)))  # bit 0 of j
     e0, e1 = tl.split(e)  # bit 1
     o0, o1 = tl.split(o)
     x0, x4 = tl.split(e0)  # bit 2
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    return (x0[:, :, None], x1[:, :, None], x2[:, :, None], x3[:, :, None],
+            x4[:, :, None], x5[:, :, None], x6[:, :, None], x7[:, :, None])
 
 
 @triton.jit
 def word_dot(qw, xs, zero, mask_lo, mask_hi, one_bits):
-    """sum_j (q_j - z) * x_j for every word of qw [R, C] (x_j = xs[j]: [R], z: [C]), in fp32.
+    """sum_j (q_j - z) * x_j for every word of qw [..., C] (x_j = xs[j]: [..., 1]; z
+    broadcasts against qw), in fp32.
 
     The trick: a code ORed into the mantissa of 1.0f at bits 12-15 reads as exactly
     1 + q * 2^-11, at bits 16-19 as 1 + q * 2^-7: one LOP3 per code, no convert, no
@@ -166,20 +174,20 @@ def word_dot(qw, xs, zero, mask_lo, mask_hi, one_bits):
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
     up8 = qw << 8
     down8 = qw >> 8  # arithmetic shift: the sign bits land above bit 19, outside both masks
-    a_lo = _one_plus(qw << 12, mask_lo, one_bits) * x0[:, None]  # codes 0, 1, 3, 5 at bits 12-15
-    a_lo += _one_plus(up8, mask_lo, one_bits) * x1[:, None]
-    a_lo += _one_plus(qw, mask_lo, one_bits) * x3[:, None]
-    a_lo += _one_plus(down8, mask_lo, one_bits) * x5[:, None]
-    a_hi = _one_plus(up8, mask_hi, one_bits) * x2[:, None]  # codes 2, 4, 6, 7 at bits 16-19
-    a_hi += _one_plus(qw, mask_hi, one_bits) * x4[:, None]
-    a_hi += _one_plus(down8, mask_hi, one_bits) * x6[:, None]
-    a_hi += _one_plus(qw >> 12, mask_hi, one_bits) * x7[:, None]
+    a_lo = _one_plus(qw << 12, mask_lo, one_bits) * x0  # codes 0, 1, 3, 5 at bits 12-15
+    a_lo += _one_plus(up8, mask_lo, one_bits) * x1
+    a_lo += _one_plus(qw, mask_lo, one_bits) * x3
+    a_lo += _one_plus(down8, mask_lo, one_bits) * x5
+    a_hi = _one_plus(up8, mask_hi, one_bits) * x2  # codes 2, 4, 6, 7 at bits 16-19
+    a_hi += _one_plus(qw, mask_hi, one_bits) * x4
+    a_hi += _one_plus(down8, mask_hi, one_bits) * x6
+    a_hi += _one_plus(qw >> 12, mask_hi, one_bits) * x7
     sum_lo = x0 + x1 + x3 + x5
     sum_hi = x2 + x4 + x6 + x7
     ones = 2048.0 * sum_lo + 128.0 * sum_hi  # what the 1s contributed, in the codes' units
-    u = a_lo * 2048.0 - ones[:, None]
+    u = a_lo * 2048.0 - ones
     u = a_hi * 128.0 + u
-    return u - zero[None, :] * (sum_lo + sum_hi)[:, None]
+    return u - zero * (sum_lo + sum_hi)
 
 
 @triton.jit
@@ -193,42 +201,47 @@ def _word_dot_exact(qw, xs, zero):
     """``word_dot`` for fp32 x (24-bit products would round): q - z per code, exactly, with
     one LOP3 and one FADD (codes_minus_zero's trick with the nibble left in place)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
-    part = _code_minus_zero(qw, 0, zero) * x0[:, None]
-    part += _code_minus_zero(qw, 1, zero) * x1[:, None]
-    part += _code_minus_zero(qw, 2, zero) * x2[:, None]
-    part += _code_minus_zero(qw, 3, zero) * x3[:, None]
-    part += _code_minus_zero(qw, 4, zero) * x4[:, None]
+    part = _code_minus_zero(qw, 0, zero) * x0
+    part += _code_minus_zero(qw, 1, zero) * x1
+    part += _code_minus_zero(qw, 2, zero) * x2
+    part += _code_minus_zero(qw, 3, zero) * x3
+    part += _code_minus_zero(qw, 4, zero) * x4
     qw_hi = qw >> 12  # codes 5..7 as nibbles 2..4 (nibble p <= 4 keeps below bit 23)
-    part += _code_minus_zero(qw_hi, 2, zero) * x5[:, None]
-    part += _code_minus_zero(qw_hi, 3, zero) * x6[:, None]
-    part += _code_minus_zero(qw_hi, 4, zero) * x7[:, None]
+    part += _code_minus_zero(qw_hi, 2, zero) * x5
+    part += _code_minus_zero(qw_hi, 3, zero) * x6
+    part += _code_minus_zero(qw_hi, 4, zero) * x7
     return part
 
 
 @triton.jit
 def _code_minus_zero(words, P: tl.constexpr, zero):
-    """q - z in fp32 for nibble P (0..4) of words [R, C], zero points [C]: nibble P ORed
-    with the exponent of 2^(23 - 4P), whose mantissa ulp is 2^-4P, reads as exactly
-    2^(23 - 4P) + q; subtracting 2^(23 - 4P) + z leaves q - z."""
+    """q - z in fp32 for nibble P (0..4) of words, zero points ``zero`` (broadcasting against
+    them): nibble P ORed with the exponent of 2^(23 - 4P), whose mantissa ulp is 2^-4P, reads
+    as exactly 2^(23 - 4P) + q; subtracting 2^(23 - 4P) + z leaves q - z."""
     magic = (150 - 4 * P) << 23  # the bits of 2^(23 - 4P)
     code = ((words & (0xF << (4 * P))) | magic).to(tl.float32, bitcast=True)
-    return code - ((1 << (23 - 4 * P)) + zero)[None, :]
+    return code - ((1 << (23 - 4 * P)) + zero)
 
 
 @triton.jit
-def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K_WORDS, group_shift, N, offs_word, offs_n, n_mask,
+def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K, K_WORDS, group_shift, N, word_rows, sub_k, offs_n, n_mask,
                HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """The packed weights [BLOCK_K // 8, BLOCK_N] of the K-tile at k0, and its group's scale and
-    zero point as fp32 [BLOCK_N]."""
-    g = k0 >> group_shift
+    """The packed weights [TILES, R, BLOCK_N] of the tile at k0 (``word_rows`` [TILES, R]: its
+    word rows, ``sub_k`` [TILES]: where its sub-tiles start), and the scale and zero point of
+    each sub-tile's group as fp32 [TILES, 1, BLOCK_N]."""
+    g = (k0 + sub_k) >> group_shift
+    s_ptrs = scales_ptr + g[:, None] * N + offs_n[None, :]
+    z_ptrs = zeros_ptr + g[:, None] * N + offs_n[None, :]
     if EVEN_K and EVEN_N:
         qw = tl.load(w_ptrs)
+        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, None, HAS_ZEROS, True)
     elif EVEN_K:
-        qw = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
-    else:
-        qw = tl.load(w_ptrs, mask=((k0 // 8 + offs_word) < K_WORDS)[:, None] & n_mask[None, :], other=0)
-    scale, zero = load_scale_zero(scales_ptr, zeros_ptr, g, N, offs_n, n_mask, HAS_ZEROS, EVEN_N)
-    return qw, scale, zero
+        qw = tl.load(w_ptrs, mask=n_mask[None, None, :], other=0)
+        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, n_mask[None, :], HAS_ZEROS, False)
+    else:  # sub-tiles past K: codes 0 (x is 0 there), scale 0, and no group index out of range
+        qw = tl.load(w_ptrs, mask=((k0 // 8 + word_rows) < K_WORDS)[:, :, None] & n_mask[None, None, :], other=0)
+        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, ((k0 + sub_k) < K)[:, None] & n_mask[None, :], HAS_ZEROS, False)
+    return qw, scale[:, None, :], zero[:, None, :]
 
 
 @triton.jit
@@ -348,11 +361,12 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
     target = splitk_target(out, split_k)
     grid = (M, triton.cdiv(N, block_n), split_k)
     pdl = use_pdl(x.device)
+    shift = tile_group_shift(group_size_eff, K)
     w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, target,
-        N, K, qweight.shape[0], tile_group_shift(group_size_eff, K), 0xF000, 0xF0000, 0x3F800000,
+        N, K, qweight.shape[0], shift, 0xF000, 0xF0000, 0x3F800000,
         x.stride(0), N, M * N, k_per_split,
-        HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k, TILE_K=min(block_k, 1 << shift),
         EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
         PDL_WAIT=pdl, PDL_TRIGGER=pdl and split_k > 1, EXACT=x.dtype == torch.float32, num_warps=num_warps,
         **launched_early(pdl),

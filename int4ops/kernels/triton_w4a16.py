@@ -159,8 +159,10 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
     cfg = dict(by_m[m_key])
     if cfg["kernel"] != "dequant" and M > 4 * m_key:
         return None  # tuned for far fewer rows (e.g. split-K settings): the heuristic is safer
-    if cfg["kernel"] != "gemm":  # the GEMM's K-tile is fixed; the others' must divide the group
-        cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])  # tuned at group 128
+    if cfg["kernel"] == "dequant":  # its K-tile must divide the group (tuned at group 128)
+        cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])
+    elif cfg["kernel"] == "gemv":  # any K-tile: it splits itself into one sub-tile per group
+        cfg["block_k"] = max(16, min(cfg["block_k"], _pow2_at_least(K)))
     return cfg
 
 
