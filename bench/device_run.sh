@@ -47,6 +47,7 @@ run_limited() {
 
 # Seconds kept back for the end-to-end stages (8B, 70B) when the kernel sweep is sized.
 E2E_RESERVE=${E2E_RESERVE:-180}
+[[ "${SKIP_E2E:-0}" == 1 ]] && E2E_RESERVE=0
 if [[ "$QUICK" == 1 ]]; then
   KARGS="--quick"; TLIM_K=90; E2E8="--decode-steps 32"; E2E70="--decode-steps 16 --prefill-len 512"
 else

@@ -416,16 +416,21 @@ def main(argv=None) -> int:
     out = Path(args.out or common.default_out("kernels", info))
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for name, n, k in shapes:  # shape outer, dtype inner: a time-limited run still compares dtypes
-        for dtype in args.dtypes:
-            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
-                doc["left_out"].append(f"{name} {n}x{k} {dtype_name(dtype)} (time limit {args.time_limit:.0f}s)")
-                log.warning("time limit: leaving out %s", doc["left_out"][-1])
-                continue
-            log.info("%s %dx%d %s: M in %s, backends %s", name, n, k, dtype_name(dtype), ms, backends)
-            run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results, skipped)
-            add_derived(results, bw, peaks)
-            common.write_json(out, doc)  # after every shape, so a killed run keeps its points
+    todo = [(name, n, k, dtype) for name, n, k in shapes for dtype in args.dtypes]
+    left_out = doc["left_out"]
+    # shape outer, dtype inner: a time-limited run still compares dtypes
+    for i, (name, n, k, dtype) in enumerate(todo):
+        if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+            left_out.append(f"{name} {n}x{k} {dtype_name(dtype)} (time limit {args.time_limit:.0f}s)")
+            log.warning("time limit: leaving out %s", left_out[-1])
+            continue
+        log.info("%s %dx%d %s: M in %s, backends %s", name, n, k, dtype_name(dtype), ms, backends)
+        run_shape(name, n, k, dtype, ms, args, device, l2, backends, peers, results, skipped)
+        add_derived(results, bw, peaks)
+        # After every shape, so a killed run keeps its points and names what it never reached.
+        pending = [f"{nm} {nn}x{kk} {dtype_name(dt)} (not reached: the run was stopped)" for nm, nn, kk, dt in todo[i + 1:]]
+        common.write_json(out, {**doc, "left_out": left_out + pending})
+    common.write_json(out, doc)
     log.info("wrote %s (%d points in %.0fs)", out, len(results), time.perf_counter() - t0)
 
     from . import report

@@ -105,7 +105,7 @@ def kernels_markdown(doc: dict) -> str:
         lines += ["", "Skipped: " + "; ".join(
             f"{s['backend']}{' (' + s['shape'] + ')' if s.get('shape') else ''}: {s['reason']}" for s in _dedup(skipped)) + "."]
     if doc.get("left_out"):
-        lines += ["", "Left out (time limit): " + "; ".join(doc["left_out"]) + "."]
+        lines += ["", "Left out: " + "; ".join(doc["left_out"]) + "."]
     failed = [p for p in res if p.get("error")]
     if failed:
         lines += ["", f"Errors ({len(failed)} points): " + "; ".join(

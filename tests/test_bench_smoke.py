@@ -218,6 +218,28 @@ def test_kernels_cpu_dry_run(tmp_path):
     assert {("cublas", 1), ("reference", 3), ("dequant+cublas", 1), ("torch-int4pack", 3)} <= got
     assert all(p["rel_err"] < 1e-2 for p in doc["results"] if p.get("rel_err") is not None)
     assert doc["env"]["torch"] == torch.__version__ and doc["bandwidth"]["gbps"] > 0
+    assert doc["left_out"] == []
+
+
+def test_kernels_stopped_run_names_what_it_never_reached(tmp_path, monkeypatch):
+    """A sweep killed mid-way (a stage time limit) keeps its finished shapes, and its JSON
+    lists the shapes it never reached, so a partial merge cannot pass for a full one."""
+    out = tmp_path / "k.json"
+    real, calls = kernels.run_shape, []
+
+    def stop_at_second_shape(*a, **kw):
+        calls.append(a[:3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the timeout's SIGTERM / SIGKILL leaves behind
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "run_shape", stop_at_second_shape)
+    with pytest.raises(KeyboardInterrupt):
+        kernels.main(["--device", "cpu", "--shapes", "64x256,32x128", "--ms", "1", "--dtypes", "fp16",
+                      "--budget", "0.01", "--reps", "2", "--backends", "reference", "--no-plot", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert {p["n"] for p in doc["results"]} == {64}
+    assert doc["left_out"] == ["32x128 32x128 fp16 (not reached: the run was stopped)"]
 
 
 @pytest.mark.slow
