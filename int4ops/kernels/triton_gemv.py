@@ -11,11 +11,13 @@ can (it is issue-bound, not HBM-bound: it took the same time on an H100 and on a
     (plus a shift per two codes), FMAs it with x, and takes the 1s and the zero point out
     once per word and tile (``word_dot``: ~4 instructions per code in all, against ~5.8 for
     the previous ``q - z``-per-code loop);
-  * keeps the partial sums 2-D ([BLOCK_K // 8, BLOCK_N]) across the whole K loop and does
-    the one cross-thread reduction at the very end.
+  * keeps the partial sums in the tile's shape across the whole K loop and does the one
+    cross-thread reduction at the very end.
 
-Because BLOCK_K divides the group size, a K-tile lies inside one group: the scale is applied
-once per tile to the [BLOCK_K // 8, BLOCK_N] partial instead of once per code.
+The tile is TILES = BLOCK_K / TILE_K sub-tiles, TILE_K = min(BLOCK_K, group size), so each
+sub-tile lies inside one group: its scale is applied once to its partial instead of once per
+code. Two sub-tiles (BLOCK_K 256 at group 128) issue a short split's loads together; that is
+what the tuned tables mostly run at M = 1 (notes/triton_kernels.md, item 21).
 
 When N / BLOCK_N programs cannot fill the GPU, K is split over a second grid axis: each
 split writes fp32 partial sums to its own slice of a workspace and ``splitk_reduce_kernel``
