@@ -6,6 +6,8 @@ whose slower dtype is fastest, so one table serves both.
     python -m bench.tune_triton --out $OUT --budget 150      # on the GPU, from the repo root
 
 Copy <out>/<gpu>.json to int4ops/kernels/tuned/ to ship it (that is how NVIDIA_H200.json was made).
+With --group-size G (not 128) its configs go under the shipped file's "configs_by_group"[G]:
+calls at group G take them over the base table's, which were tuned at 128 (triton_w4a16._tuned).
 
 Every timing is a CUDA graph of one call per weight copy, with enough copies to exceed
 2.4x L2 so the weights come from HBM; median of 5 batches of graph replays, per call.
@@ -93,11 +95,11 @@ def graph_time_us(fns):
     return replay_time_us(capture_graph(fns), len(fns))
 
 
-def weight_copies(N, K, device, l2_bytes):
-    """Random g128 int4 weights [N, K] and fp16 dense ones, each in enough copies to exceed
+def weight_copies(N, K, device, l2_bytes, group_size=128):
+    """Random int4 weights [N, K] (asymmetric, ``group_size``) and fp16 dense ones, each in enough copies to exceed
     2.4x L2, so that a graph calling one per copy streams every weight from HBM."""
-    w0 = quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), 128, False)
-    ws = [w0] + [quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), 128, False)
+    w0 = quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), group_size, False)
+    ws = [w0] + [quantize_rtn(torch.randn(N, K, device=device, dtype=torch.float16), group_size, False)
                  for _ in range(max(1, math.ceil(2.4 * l2_bytes / w0.nbytes)) - 1)]
     dense = [torch.randn(N, K, device=device, dtype=torch.float16)
              for _ in range(max(1, math.ceil(2.4 * l2_bytes / (N * K * 2))))]
@@ -114,10 +116,13 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--budget", type=float, default=150.0)
     p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--group-size", type=int, default=128, help="group size of the weights tuned for (the shipped "
+                   "table's 'configs' are at 128; other groups go under its 'configs_by_group')")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     t_end = time.time() + args.budget
     ms = [int(m) for m in args.ms.split(",")]
+    gs = args.group_size
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -140,7 +145,7 @@ def main():
             log.info(summary[-1])
     weights = {}
     for N, K in SHAPES:
-        ws, dense = weight_copies(N, K, dev, l2)
+        ws, dense = weight_copies(N, K, dev, l2, gs)
         weights[(N, K)] = (ws, dense, dequantize(ws[0], torch.float16))
 
     for M in ms:
@@ -153,8 +158,8 @@ def main():
             ref = F.linear(x, w0_deq)
             t_cublas = graph_time_us([lambda d=d: F.linear(x, d) for d in dense])
             t0 = time.time()
-            t_heur = graph_time_us([lambda w=w: tw.w4a16_matmul(x, w.qweight, w.scales, w.zeros, K, 128) for w in ws])
-            heur_cfg = tw.choose_config(dev, M, N, K, 128, None)
+            t_heur = graph_time_us([lambda w=w: tw.w4a16_matmul(x, w.qweight, w.scales, w.zeros, K, gs) for w in ws])
+            heur_cfg = tw.choose_config(dev, M, N, K, gs, None)
             # One table serves fp16 and bf16: a config scores its slower dtype (their best configs
             # differ at M = 64-128, where the fp16 winner was up to 20% slower in bf16).
             xb = x.to(torch.bfloat16)
@@ -165,14 +170,14 @@ def main():
                 kw = dict(cfg)
                 kernel = kw.pop("kernel")
                 try:
-                    out = tw.run_kernel(kernel, x, ws[0].qweight, ws[0].scales, ws[0].zeros, K, 128, **kw)
+                    out = tw.run_kernel(kernel, x, ws[0].qweight, ws[0].scales, ws[0].zeros, K, gs, **kw)
                     err = rel(out, ref)
                     if not err < 5e-3:
                         log.info("WRONG %s err %.2e", cfg, err)
                         continue
-                    t = graph_time_us([lambda w=w: tw.run_kernel(kernel, x, w.qweight, w.scales, w.zeros, K, 128, **kw)
+                    t = graph_time_us([lambda w=w: tw.run_kernel(kernel, x, w.qweight, w.scales, w.zeros, K, gs, **kw)
                                        for w in ws])
-                    t_bf16 = graph_time_us([lambda w=w: tw.run_kernel(kernel, xb, w.qweight, w.scales, w.zeros, K, 128,
+                    t_bf16 = graph_time_us([lambda w=w: tw.run_kernel(kernel, xb, w.qweight, w.scales, w.zeros, K, gs,
                                                                       **kw) for w in ws])
                 except Exception as e:  # e.g. out of shared memory for this tile
                     log.info("FAILED %s: %s", cfg, (str(e).splitlines() or [repr(e)])[0][:200])
@@ -190,7 +195,7 @@ def main():
                     f"bf16 {t_bf16:8.2f} us  [{time.time() - t0:.0f}s] best={best[1]} heur={heur_cfg}")
             log.info(line)
             summary.append(line)
-            data = dict(device=props.name, triton=triton.__version__, torch=torch.__version__, group_size=128,
+            data = dict(device=props.name, triton=triton.__version__, torch=torch.__version__, group_size=gs,
                         dtype="float16 and bfloat16 (the slower of the two)",
                         note="written by bench/tune_triton.py; see notes/triton_kernels.md", configs=table)
             with open(os.path.join(args.out, os.path.basename(tw.tuned_file(props.name))), "w") as f:

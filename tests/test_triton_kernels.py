@@ -270,13 +270,35 @@ def test_shipped_tuned_configs_are_valid():
             for m, cfg in by_m.items():
                 assert cfg["kernel"] in KERNELS and int(m) >= 1, (path.name, shape, m)
                 assert cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, shape, m)
-                refit = tw._tuned(tw_table(data), int(m), N, K, 32)["block_k"]
+                refit = tw._tuned({"base": tw_table(data)["base"]}, int(m), N, K, 32)["block_k"]
                 # the GEMM's K-tile is fixed, the dequant's divides the group, the GEMV's is kept
                 assert refit == {"gemm": 128, "dequant": min(32, cfg["block_k"])}.get(cfg["kernel"], cfg["block_k"])
+        for group, configs in data.get("configs_by_group", {}).items():
+            assert int(group) in (32, 64, 256, -1), (path.name, group)
+            for shape, by_m in configs.items():
+                for m, cfg in by_m.items():
+                    assert cfg["kernel"] in KERNELS and cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, group, shape)
 
 
 def tw_table(data):
-    return {s: {int(m): c for m, c in by_m.items()} for s, by_m in data["configs"].items()}
+    by_shape = lambda configs: {s: {int(m): c for m, c in by_m.items()} for s, by_m in configs.items()}
+    return {"base": by_shape(data["configs"]),
+            "groups": {int(g): by_shape(c) for g, c in data.get("configs_by_group", {}).items()}}
+
+
+def test_tuned_configs_prefer_the_group_they_were_tuned_at():
+    """A config tuned at the call's group size wins over the base table's (tuned at 128);
+    other Ms and groups fall back to the base table, fitted to the group."""
+    gemv = lambda bk, bn, s: dict(kernel="gemv", block_k=bk, block_n=bn, split_k=s, num_warps=4, num_stages=1)
+    deq = dict(kernel="dequant", block_n=64, block_k=128, num_warps=4)
+    table = {"base": {"4096x4096": {1: gemv(256, 32, 6), 1024: deq}},
+             "groups": {64: {"4096x4096": {1: gemv(128, 64, 11)}}}}
+    assert tw._tuned(table, 1, 4096, 4096, 64) == gemv(128, 64, 11)
+    assert tw._tuned(table, 1, 4096, 4096, 32) == gemv(256, 32, 6)  # the GEMV keeps its K-tile
+    assert tw._tuned(table, 1, 4096, 4096, 128) == gemv(256, 32, 6)
+    assert tw._tuned(table, 1024, 4096, 4096, 64)["block_k"] == 64  # the dequant's fits the group
+    assert tw._tuned(table, 16, 4096, 4096, 64) is None  # tuned for M = 1 only: the heuristic
+    assert tw._tuned(table, 1, 4096, 8192, 64) is None
 
 
 # ------------------------------------------------------------------------------------------------

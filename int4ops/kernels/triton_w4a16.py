@@ -101,17 +101,17 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
     """A benchmark-free config for ``kernel``: what the H200 tuning favoured, scaled by the SM
     count; used for untuned GPUs and shapes, and in the interpreter."""
     if kernel == "gemv":
-        if group_size == -1 or group_size >= 128:
-            # Tiles of 256 codes along K (two groups of 128: the kernel splits a tile per group)
-            # by 32 features: [32, 32] words, 2 x 16-byte loads per thread at 4 warps. What the
-            # H100 and H200 tuning favoured at M = 1 (session 15); untuned on an H100 it beat the
-            # rule below on 9 of the 10 shapes x groups (128, per channel) measured, 1-4%.
-            block_k = max(16, min(256, _pow2_at_least(K)))
-            block_n = max(16, min(32, _pow2_at_least(N)))
-        else:  # groups 32 / 64: the tile above was 22-30% faster on three 8B shapes at group
-            # 32 but 16-20% slower on the two 28672-wide ones, so these keep one group per tile
-            block_k = _block_k(group_size, K, 128)
-            block_n = max(16, min(64 if block_k >= 128 else 128, _pow2_at_least(N)))
+        # K-tile (codes; the kernel splits it into one sub-tile per group) and features per
+        # tile, by group size: what the H100 and H200 tuning favoured at M = 1 (session 15).
+        # At groups >= 128 and per channel, two groups of 128 by 32 features ([32, 32] words:
+        # 2 x 16-byte loads per thread at 4 warps); untuned on an H100 that beat the session-14
+        # rule on 9 of 10 shapes x groups, by 1-4%. At 32, eight groups by 64 features; at 64,
+        # two by 32: within 0-11% of the tuned configs on the five 8B/70B shapes, where the
+        # session-14 rule (one group per tile) was 1.2-2.3x slower
+        # (bench/results/gemv_heuristic_h100_2026-11-22_session15.txt).
+        block_k, block_n = {32: (256, 64), 64: (128, 32)}.get(group_size, (256, 32))
+        block_k = max(16, min(block_k, _pow2_at_least(K)))
+        block_n = max(16, min(block_n, _pow2_at_least(N)))
         programs = M * math.ceil(N / block_n)
         split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=6, cap=16)
         return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
@@ -144,7 +144,9 @@ def tuned_file(device_name: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _device_info(device: torch.device) -> tuple[int, dict]:
-    """(SM count, tuned table {"NxK": {M: config}}) of a device; read once per device."""
+    """(SM count, tuned tables) of a device, read once per device. The tables are
+    {"base": {"NxK": {M: config}}, "groups": {group: {"NxK": {M: config}}}}: "base" was tuned
+    at the file's group_size (128), "groups" holds entries tuned at other group sizes."""
     if device.type != "cuda":
         return 8, {}
     props = torch.cuda.get_device_properties(device)
@@ -152,22 +154,29 @@ def _device_info(device: torch.device) -> tuple[int, dict]:
     table = {}
     if path.exists():
         data = json.loads(path.read_text())
-        table = {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in data["configs"].items()}
-        log.info("int4ops: Triton configs for %s from %s (%d shapes)", props.name, path.name, len(table))
+        by_shape = lambda configs: {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in configs.items()}
+        table = {"base": by_shape(data["configs"]),
+                 "groups": {int(g): by_shape(c) for g, c in data.get("configs_by_group", {}).items()}}
+        log.info("int4ops: Triton configs for %s from %s (%d shapes)", props.name, path.name, len(table["base"]))
     else:
         log.info("int4ops: no tuned Triton configs for %s; using heuristics", props.name)
     return props.multi_processor_count, table
 
 
 def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
-    by_m = table.get(f"{N}x{K}")
+    """The tuned config nearest M (log scale) for this shape: one tuned at this group size if
+    the table has one for that M, else the base table's, fitted to the group."""
+    shape = f"{N}x{K}"
+    own = table.get("groups", {}).get(group_size, {}).get(shape, {})
+    by_m = {**{m: (c, False) for m, c in table.get("base", {}).get(shape, {}).items()},
+            **{m: (c, True) for m, c in own.items()}}
     if not by_m:
         return None
     m_key = min(by_m, key=lambda m: (abs(math.log2(m) - math.log2(M)), -m))
-    cfg = dict(by_m[m_key])
+    cfg, at_this_group = dict(by_m[m_key][0]), by_m[m_key][1]
     if cfg["kernel"] != "dequant" and M > 4 * m_key:
         return None  # tuned for far fewer rows (e.g. split-K settings): the heuristic is safer
-    if cfg["kernel"] == "dequant":  # its K-tile must divide the group (tuned at group 128)
+    if cfg["kernel"] == "dequant" and not at_this_group:  # its K-tile must divide the group
         cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])
     elif cfg["kernel"] == "gemv":  # any K-tile: it splits itself into one sub-tile per group
         cfg["block_k"] = max(16, min(cfg["block_k"], _pow2_at_least(K)))
