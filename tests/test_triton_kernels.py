@@ -270,7 +270,7 @@ def test_shipped_tuned_configs_are_valid():
             for m, cfg in by_m.items():
                 assert cfg["kernel"] in KERNELS and int(m) >= 1, (path.name, shape, m)
                 assert cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, shape, m)
-                refit = tw._tuned({"base": tw_table(data)["base"]}, int(m), N, K, 32)["block_k"]
+                refit = tw._tuned({"base": tw.tuned_tables(data)["base"]}, int(m), N, K, 32)["block_k"]
                 # the GEMM's K-tile is fixed, the dequant's divides the group, the GEMV's is kept
                 assert refit == {"gemm": 128, "dequant": min(32, cfg["block_k"])}.get(cfg["kernel"], cfg["block_k"])
         for group, configs in data.get("configs_by_group", {}).items():
@@ -278,12 +278,6 @@ def test_shipped_tuned_configs_are_valid():
             for shape, by_m in configs.items():
                 for m, cfg in by_m.items():
                     assert cfg["kernel"] in KERNELS and cfg["block_k"] & (cfg["block_k"] - 1) == 0, (path.name, group, shape)
-
-
-def tw_table(data):
-    by_shape = lambda configs: {s: {int(m): c for m, c in by_m.items()} for s, by_m in configs.items()}
-    return {"base": by_shape(data["configs"]),
-            "groups": {int(g): by_shape(c) for g, c in data.get("configs_by_group", {}).items()}}
 
 
 def test_tuned_configs_prefer_the_group_they_were_tuned_at():

@@ -83,11 +83,15 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def _fit_k(block_k: int, K: int) -> int:
+    """A K-tile not needlessly larger than K, and >= 16."""
+    return max(16, min(block_k, _pow2_at_least(K)))
+
+
 def _block_k(group_size: int, K: int, cap: int) -> int:
     """Largest power of two <= cap that divides the group size (any, per channel), >= 16,
     and not needlessly larger than K."""
-    bk = cap if group_size == -1 else min(cap, group_size)
-    return max(16, min(bk, _pow2_at_least(K)))
+    return _fit_k(cap if group_size == -1 else min(cap, group_size), K)
 
 
 def _split_for(programs: int, k_tiles: int, sms: int, waves: int, cap: int) -> int:
@@ -110,7 +114,7 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         # session-14 rule (one group per tile) was 1.2-2.3x slower
         # (bench/results/gemv_heuristic_h100_2026-11-22_session15.txt).
         block_k, block_n = {32: (256, 64), 64: (128, 32)}.get(group_size, (256, 32))
-        block_k = max(16, min(block_k, _pow2_at_least(K)))
+        block_k = _fit_k(block_k, K)
         block_n = max(16, min(block_n, _pow2_at_least(N)))
         programs = M * math.ceil(N / block_n)
         split_k = _split_for(programs, math.ceil(K / block_k), sms, waves=6, cap=16)
@@ -153,14 +157,18 @@ def _device_info(device: torch.device) -> tuple[int, dict]:
     path = tuned_file(props.name)
     table = {}
     if path.exists():
-        data = json.loads(path.read_text())
-        by_shape = lambda configs: {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in configs.items()}
-        table = {"base": by_shape(data["configs"]),
-                 "groups": {int(g): by_shape(c) for g, c in data.get("configs_by_group", {}).items()}}
+        table = tuned_tables(json.loads(path.read_text()))
         log.info("int4ops: Triton configs for %s from %s (%d shapes)", props.name, path.name, len(table["base"]))
     else:
         log.info("int4ops: no tuned Triton configs for %s; using heuristics", props.name)
     return props.multi_processor_count, table
+
+
+def tuned_tables(data: dict) -> dict:
+    """A tuned file's JSON as the tables _tuned reads (M keys as ints)."""
+    by_shape = lambda configs: {shape: {int(m): cfg for m, cfg in by_m.items()} for shape, by_m in configs.items()}
+    return {"base": by_shape(data["configs"]),
+            "groups": {int(g): by_shape(c) for g, c in data.get("configs_by_group", {}).items()}}
 
 
 def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
@@ -179,7 +187,7 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
     if cfg["kernel"] == "dequant" and not at_this_group:  # its K-tile must divide the group
         cfg["block_k"] = _block_k(group_size, K, cfg["block_k"])
     elif cfg["kernel"] == "gemv":  # any K-tile: it splits itself into one sub-tile per group
-        cfg["block_k"] = max(16, min(cfg["block_k"], _pow2_at_least(K)))
+        cfg["block_k"] = _fit_k(cfg["block_k"], K)
     return cfg
 
 
