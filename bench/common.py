@@ -131,7 +131,13 @@ def make_replay(
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 run_all()
-            return g.replay, "cuda-graph", calls
+
+            # The graph reads the tensors fns read (weights, x) at their addresses, but does
+            # not own them: hold fns, and through them those tensors, as long as the replay.
+            def replay_graph(g=g, fns=fns):
+                g.replay()
+
+            return replay_graph, "cuda-graph", calls
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
             log.warning("graph capture failed (%s: %s); timing eager calls", type(e).__name__, str(e)[:200])
             torch.cuda.synchronize()

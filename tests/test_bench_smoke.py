@@ -87,6 +87,35 @@ def test_bench_interleaved_alternates_and_reports_failures():
     assert sorted(set(rounds[0])) == ["a", "b", "c"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_keeps_its_inputs_alive():
+    """A graph reads its inputs at fixed addresses: make_replay's replay must hold them even
+    when the caller does not (two timed units built in a loop that rebinds its variables
+    faulted with an illegal address before, pure PyTorch ops included)."""
+    import gc
+    import weakref
+
+    dev = torch.device("cuda")
+    outs = []
+    replays = []
+    for i in range(2):
+        w = torch.full((256, 256), float(i + 1), device=dev)
+        replays.append(common.make_replay([lambda w=w: outs.append(w.sum())], dev, min_calls=1)[0])
+        alive = weakref.ref(w)
+        del w
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert alive() is not None, "the replay does not hold the tensor its graph reads"
+    noise = torch.full((1 << 22,), -7.0, device=dev)  # reuse any memory freed by mistake
+    for replay in replays:
+        replay()
+    torch.cuda.synchronize()
+    del noise
+    # outs: per unit, the warm-up's result, then the captured one (which each replay rewrites)
+    assert [outs[1].item(), outs[3].item()] == [256 * 256 * 1.0, 256 * 256 * 2.0]
+
+
 def test_table_and_slug():
     md = common.table(["a", "b"], [[1, "x"], [22, "yy"]], markdown=True)
     assert md.splitlines()[0] == "| a | b |" and md.splitlines()[2] == "| 1 | x |"
