@@ -363,6 +363,7 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
     target = splitk_target(out, split_k)
     grid = (M, triton.cdiv(N, block_n), split_k)
     pdl = use_pdl(x.device)
+    pdl_reduce = pdl and split_k > 1
     shift = tile_group_shift(group_size_eff, K)
     w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, target,
@@ -370,8 +371,8 @@ def w4a16_gemv(x, qweight, scales, zeros, K, group_size_eff, out, *, block_n, bl
         x.stride(0), N, M * N, k_per_split,
         HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k, TILE_K=min(block_k, 1 << shift),
         EVEN_K=K % block_k == 0, EVEN_N=N % block_n == 0, NUM_STAGES=num_stages,
-        PDL_WAIT=pdl, PDL_TRIGGER=pdl and split_k > 1, EXACT=x.dtype == torch.float32, num_warps=num_warps,
+        PDL_WAIT=pdl, PDL_TRIGGER=pdl_reduce, EXACT=x.dtype == torch.float32, num_warps=num_warps,
         **launched_early(pdl),
     )
-    splitk_finish(target, out, pdl and split_k > 1)
+    splitk_finish(target, out, pdl_reduce)
     return out
