@@ -2,8 +2,8 @@
 
 Status: correct on an H100 (triton 3.6) against the reference for fp16/bf16, groups 32/64/128/-1,
 sym/asym, odd M/N/K; at M = 1024 it beats the shipped dequantize + cuBLAS path on three of the four
-Llama-3-8B shapes but reaches the 0.85x-of-cuBLAS target on two only, and loses at M = 4096. Numbers,
-method and what was tried on the way: notes/triton_kernels.md item 27 and
+Llama-3-8B shapes (0.79-0.88x of cuBLAS; 0.85x, the target, on two of them with the better stage
+count), loses on 6144x4096 and at M = 4096. Numbers, method and what was tried on the way: notes/triton_kernels.md item 27 and
 bench/results/gluon_large_m_lab_h100_2026-11-22_session17.json. Gluon kernels do not run under
 TRITON_INTERPRET, so shipping this needs a GPU-only test path and the dequantize path kept as the
 CPU/other-GPU route.
@@ -24,8 +24,8 @@ Design, and why each piece is the way it is:
 * The packed words come through shared memory: cp.async (STAGES deep) into a plain row-major
   tile, read back once per thread-word in the pair layout with the byte axis (lane % 4) sliced off
   (the four lanes of a quad read the same word). Gathering them from global memory in the pair
-  layout was latency-bound (0.70x); TMA into a 128B-swizzled tile was correct but slower (0.64-0.69x);
-  TMA into a swizzle-0 NVMMA tile read back wrong data on triton 3.6.
+  layout was latency-bound (0.62-0.74x); TMA into a 128B-swizzled tile was correct but slower
+  (0.59-0.69x); TMA into a swizzle-0 NVMMA tile read back wrong data on triton 3.6.
 * x comes by TMA (mbarrier per stage) and is the wgmma B operand straight from shared memory.
 * A register-A wgmma reads its registers until the wait that retires it, and nothing tells ptxas
   so: with one wgmma in flight (wait(1)) the next tile's A was written into the same registers
