@@ -3,7 +3,8 @@
 Status: correct on an H100 (triton 3.6) against the reference for fp16/bf16, groups 32/64/128/-1,
 sym/asym, odd M/N/K; at M = 1024 it beats the shipped dequantize + cuBLAS path on three of the four
 Llama-3-8B shapes (0.79-0.88x of cuBLAS; 0.85x, the target, on two of them with the better stage
-count), loses on 6144x4096 and at M = 4096. Numbers, method and what was tried on the way: notes/triton_kernels.md item 27 and
+count), loses on 6144x4096 and at M = 4096. Numbers, method and what was tried on the way:
+notes/triton_kernels.md item 27 and
 bench/results/gluon_large_m_lab_h100_2026-11-22_session17.json. Gluon kernels do not run under
 TRITON_INTERPRET, so shipping this needs a GPU-only test path and the dequantize path kept as the
 CPU/other-GPU route.
