@@ -108,10 +108,6 @@ def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: 
             z = gl.load(z_ptr + g * N + n, mask=sm, other=0).to(gl.int32)
         else:
             z = gl.full([BN], 8, gl.int32, gl.SliceLayout(1, PAIR))
-        sb = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        zb = z + MAGIC
-        ss = gl.expand_dims(sb | (sb << 16), 1)
-        zz = gl.expand_dims(zb | (zb << 16), 1)
     else:  # several groups per tile: one value per pair
         p = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR))
         g = (i * BK + 2 * p) // GROUP
@@ -122,10 +118,13 @@ def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: 
             z = gl.load(z_ptr + off, mask=sm, other=0).to(gl.int32)
         else:
             z = gl.full([BN, BK // 2], 8, gl.int32, PAIR)
-        sb = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        zb = z + MAGIC
-        ss = sb | (sb << 16)
-        zz = zb | (zb << 16)
+    sb = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    zb = z + MAGIC
+    ss = sb | (sb << 16)
+    zz = zb | (zb << 16)
+    if GROUP % BK == 0:
+        ss = gl.expand_dims(ss, 1)
+        zz = gl.expand_dims(zz, 1)
     return zz, ss
 
 
@@ -136,6 +135,27 @@ def _pair_words(w_smem, st, BN: gl.constexpr, BK: gl.constexpr, L3: gl.constexpr
     c8 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * 8
     w3 = gl.expand_dims(words, 2) >> gl.expand_dims(gl.expand_dims(c8, 0), 1)
     return gl.convert_layout(gl.reshape(w3, [BN, BK // 2]), PAIR)
+
+
+@gluon.jit
+def _a_operand(x_desc, w_smem, bars, i, zz, ss, DEQ: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+               STAGES: gl.constexpr, L3: gl.constexpr, PAIR: gl.constexpr, DOT: gl.constexpr):
+    """Wait for K-tile i's stage, dequantize its words into the wgmma A-operand registers."""
+    st = i % STAGES
+    mbarrier.wait(bars.index(st), (i // STAGES) & 1)
+    lo, hi = gl.inline_asm_elementwise(DEQ, "=h,=h,r,r,r", [_pair_words(w_smem, st, BN, BK, L3, PAIR), zz, ss],
+                                       dtype=(x_desc.dtype, x_desc.dtype), is_pure=True, pack=1)
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [BN, BK]), DOT)
+
+
+@gluon.jit
+def _refill(x_desc, w_ptr, x_smem, w_smem, bars, i, off_m, off_n, N, K_pad, num_k, BK: gl.constexpr,
+            BN: gl.constexpr, STAGES: gl.constexpr, CP: gl.constexpr):
+    """After a wgmma wait(1): refill the stage of the wgmma it retired with K-tile i."""
+    async_copy.wait_group(STAGES - 3)  # the next tile's words landed (this thread's copies) ...
+    _cta_barrier()  # ... and everyone's; the retired wgmma is retired in every warpgroup: its stage is free
+    _load_x(x_desc, x_smem, bars, i, off_m, num_k, BK, STAGES)
+    _copy_words(w_ptr, w_smem, i, off_n, N, K_pad, BK, BN, STAGES, CP)
 
 
 @gluon.jit
@@ -174,33 +194,21 @@ def w4a16_gemm_sm90(x_desc, w_ptr, s_ptr, z_ptr, out_ptr, M, N, G, K_pad, stride
 
     zz, ss = _scales_zeros(s_ptr, z_ptr, 0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, MAGIC, DTYPE, PAIR)
     for i in range(0, num_k2, 2):
-        # tile i -> A set a0; retires wgmma i-1, which read a1
-        st = i % STAGES
-        mbarrier.wait(bars.index(st), (i // STAGES) & 1)
-        lo, hi = gl.inline_asm_elementwise(DEQ, "=h,=h,r,r,r", [_pair_words(w_smem, st, BN, BK, L3, PAIR), zz, ss],
-                                           dtype=(x_desc.dtype, x_desc.dtype), is_pure=True, pack=1)
-        a0 = gl.convert_layout(gl.reshape(gl.join(lo, hi), [BN, BK]), DOT)
+        # Two K-tiles per trip, A register sets a0 and a1: each set is a dependency of the wait that
+        # retires its wgmma, so the next tile's A cannot land in registers a wgmma still reads.
+        a0 = _a_operand(x_desc, w_smem, bars, i, zz, ss, DEQ, BN, BK, STAGES, L3, PAIR, DOT)
         zz, ss = _scales_zeros(s_ptr, z_ptr, i + 1, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, MAGIC, DTYPE, PAIR)
-        acc = warpgroup_mma(a0, x_smem.index(st).permute((1, 0)), acc, is_async=True)
-        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-        async_copy.wait_group(STAGES - 3)  # words of tile i+1 landed (this thread's copies) ...
-        _cta_barrier()  # ... and everyone's; wgmma i-1 retired in every warpgroup: its stage is free
-        _load_x(x_desc, x_smem, bars, i + STAGES - 1, off_m, num_k2, BK, STAGES)
-        _copy_words(w_ptr, w_smem, i + STAGES - 1, off_n, N, K_pad, BK, BN, STAGES, CP)
+        acc = warpgroup_mma(a0, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))  # retires wgmma i-1 (read a1)
+        _refill(x_desc, w_ptr, x_smem, w_smem, bars, i + STAGES - 1, off_m, off_n, N, K_pad, num_k2, BK, BN,
+                STAGES, CP)
 
-        # tile i+1 -> A set a1; retires wgmma i, which read a0
-        st = (i + 1) % STAGES
-        mbarrier.wait(bars.index(st), ((i + 1) // STAGES) & 1)
-        lo, hi = gl.inline_asm_elementwise(DEQ, "=h,=h,r,r,r", [_pair_words(w_smem, st, BN, BK, L3, PAIR), zz, ss],
-                                           dtype=(x_desc.dtype, x_desc.dtype), is_pure=True, pack=1)
-        a1 = gl.convert_layout(gl.reshape(gl.join(lo, hi), [BN, BK]), DOT)
+        a1 = _a_operand(x_desc, w_smem, bars, i + 1, zz, ss, DEQ, BN, BK, STAGES, L3, PAIR, DOT)
         zz, ss = _scales_zeros(s_ptr, z_ptr, i + 2, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, MAGIC, DTYPE, PAIR)
-        acc = warpgroup_mma(a1, x_smem.index(st).permute((1, 0)), acc, is_async=True)
-        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-        async_copy.wait_group(STAGES - 3)
-        _cta_barrier()
-        _load_x(x_desc, x_smem, bars, i + STAGES, off_m, num_k2, BK, STAGES)
-        _copy_words(w_ptr, w_smem, i + STAGES, off_n, N, K_pad, BK, BN, STAGES, CP)
+        acc = warpgroup_mma(a1, x_smem.index((i + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))  # retires wgmma i (read a0)
+        _refill(x_desc, w_ptr, x_smem, w_smem, bars, i + STAGES, off_m, off_n, N, K_pad, num_k2, BK, BN,
+                STAGES, CP)
 
     acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
     for s in gl.static_range(STAGES):
