@@ -296,10 +296,163 @@ def test_tuned_configs_prefer_the_group_they_were_tuned_at():
 
 
 # ------------------------------------------------------------------------------------------------
+# gemm_sm90 (Gluon; GPU-only to run): its dispatch, its refusals, and its sm_90 code
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sm90_default_rule():
+    """gemm_sm90 replaces dequantize + cuBLAS where its 128 x 256 tiles fill ~0.7 of a wave,
+    below M = 2048, for fp16/bf16 x and TMA-friendly K and N."""
+    if tw.gluon_sm90 is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
+    f16 = torch.float16
+    assert tw.sm90_default(1024, 4096, 4096, f16, 132)  # 128 tiles
+    assert tw.sm90_default(512, 6144, 4096, torch.bfloat16, 132)  # 96 tiles
+    assert tw.sm90_default(1536, 4096, 14336, f16, 132)
+    assert not tw.sm90_default(2048, 4096, 14336, f16, 132)
+    assert not tw.sm90_default(512, 4096, 4096, f16, 132)  # 64 tiles: half a wave
+    assert not tw.sm90_default(4096, 4096, 4096, f16, 132)  # dequantize + cuBLAS wins there
+    assert not tw.sm90_default(1024, 4096, 4096, torch.float32, 132)
+    assert not tw.sm90_default(1024, 4096, 4100, f16, 132)  # K % 8: x's TMA row stride
+    assert not tw.sm90_default(1024, 4098, 4096, f16, 132)  # N % 4: the words' TMA row stride
+
+
+def test_sm90_plan_splits_a_half_empty_last_wave():
+    if tw.gluon_sm90 is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
+    plan = tw.gluon_sm90.plan
+    # 48 feature tiles x 4 token tiles on 132 SMs: 60 tiles would make a second wave 45% full,
+    # so the last 15 feature tiles run as 120 tiles of 128 tokens.
+    assert plan(1024, 6144, 132) == [(256, 0, 33), (128, 33, 15)]
+    assert plan(1024, 4096, 132) == [(256, 0, 32)]  # one wave
+    assert plan(1024, 28672, 132) == [(256, 0, 224)]  # 6.8 waves: the last is 79% full
+    assert plan(4096, 6144, 132) == [(256, 0, 48)]  # x is the larger operand: features walk first
+    for M, N in ((1000, 6144), (77, 1000), (3000, 28672), (1024, 6144)):
+        launches = plan(M, N, 132)
+        assert launches[0][1] == 0 and sum(n for _, _, n in launches) == math.ceil(N / 128)
+        assert all(a[1] + a[2] == b[1] for a, b in zip(launches, launches[1:]))  # each feature tile once
+
+
+def test_sm90_refuses_clearly_where_it_cannot_run(weight):
+    """Forced on a machine or call it cannot take, gemm_sm90 says why (here: no sm_90 GPU under
+    the interpreter, or a GPU that is not sm_90, or K % 8 != 0); the automatic choice never
+    picks it there."""
+    x = torch.ones(2, 100, device=DEVICE, dtype=torch.float16)  # K = 100: not a multiple of 8
+    with pytest.raises(ValueError, match="gemm_sm90 cannot run this call: .*(sm_90|K % 8|Gluon)"):
+        tw.run_kernel("gemm_sm90", *args(x, weight))
+    assert tw.choose_config(x.device, 2048, 33, 100, 32, None, torch.float16)["kernel"] != "gemm_sm90"
+
+
+def _compile_sm90(dtype, group_size, bm):
+    """gemm_sm90's kernel compiled for sm_90 on this machine (no GPU needed): (SASS, shared bytes)."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    m = tw.gluon_sm90
+    gdt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    x, qw = torch.empty(1024, 4096, dtype=dtype), torch.empty(512, 4096, dtype=torch.int32)
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, m.BK],
+                              gl.NVMMASharedLayout.get_default_for([bm, m.BK], gdt))
+    w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
+    ptr = "*fp16" if dtype == torch.float16 else "*bf16"
+    sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
+           **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k")}}
+    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m.STAGES, TOKENS_FAST=True,
+                  PRODUCER_REGS=m.PRODUCER_REGS)
+    sig.update({a: "constexpr" for a in consts})
+    fn = m.w4a16_gemm_sm90_kernel
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, {})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8, "maxnreg": m.MAXNREG})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, k.metadata.shared
+
+
+@pytest.mark.parametrize("dtype,group_size,bm", ((torch.float16, 128, 256), (torch.bfloat16, 32, 128)))
+def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm):
+    """Compiled for sm_90 (here, without a GPU), the K loop keeps one wgmma in flight: ptxas
+    waits for all of them (WARPGROUP.DEPBAR.LE gsb0, 0x0) only at the loop's two retiring waits
+    and the tile's end. Shared-memory stores of the A tile, a second consumer partition or too
+    few registers each made it wait after every wgmma (notes items 27-28), which halves speed
+    and would pass every correctness test. Also: 4 ops per fp16 pair (PRMT, LOP3, HFMA2, HMUL2)."""
+    if tw.gluon_sm90 is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
+    try:
+        sass, shared = _compile_sm90(dtype, group_size, bm)
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {type(e).__name__}: {e}")
+    hgmma, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    assert hgmma == 8, f"{hgmma} HGMMA: expected 4 per K-tile, two K-tiles per trip"
+    assert waits <= 3, f"{waits} full wgmma waits for {hgmma} wgmmas: ptxas serialised them"
+    assert "STL" not in sass, "register spills"
+    assert shared <= 227 * 1024
+    if dtype == torch.float16:
+        assert sass.count("HFMA2") == sass.count("HMUL2") > 0
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: real layer sizes, the op's registration, CUDA graphs (skipped without a GPU)
 # ------------------------------------------------------------------------------------------------
 
 LLAMA_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672))
+SM90 = ("gemm_sm90",) if torch.cuda.is_available() and tw.sm90_capable(torch.device("cuda")) else ()
+needs_sm90 = pytest.mark.skipif(not SM90, reason="gemm_sm90 needs an sm_90 GPU and Gluon")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,group_size,sym", (
+    (77, 1000, 4096, 32, False),  # one partial token tile
+    (333, 4100, 1000, -1, True),  # per channel, K padded to 1024, partial feature tile
+    (1000, 6144, 4096, 128, False),  # the split last wave (128-token tiles), partial token tile
+    (1024, 6144, 4096, 64, True),  # the split, groups of one K-tile
+    (513, 384, 2048, 256, True),  # groups of four K-tiles
+    (256, 256, 192, 64, False),  # three K-tiles: the loop's extra zero-filled one
+    (4096, 4096, 4096, 128, False),  # features walk first (x larger than W)
+    (2048, 28672, 4096, 128, False),  # several tiles per CTA (persistent)
+))
+def test_gpu_sm90_matches_reference(M, N, K, group_size, sym, dtype):
+    x, w, ref, seed = make_problem(M, N, K, group_size, sym, dtype, device="cuda")
+    out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((M, N), dtype, "cuda"))
+    check(out, ref, dtype, f"gemm_sm90 M={M} N={N} K={K} g={group_size} sym={sym} seed={seed}")
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_sm90_dispatch_fallback_and_graphs():
+    """Where it wins it is the default; a call it cannot take (N % 4, a misaligned x) runs
+    dequantize + cuBLAS instead; under CUDA-graph replay it reads the new x."""
+    dev = torch.device("cuda")
+    assert tw.choose_config(dev, 1024, 4096, 4096, 128, None, torch.float16)["kernel"] == "gemm_sm90"
+    assert tw.choose_config(dev, 1024, 4096, 4096, 128, None, torch.float32)["kernel"] != "gemm_sm90"
+    for N, offset in ((4099, 0), (4096, 4)):
+        x, w, _, seed = make_problem(1024, N, 4096, 128, False, torch.float16, device="cuda")
+        buf = torch.empty(1024 * 4096 + 8, dtype=torch.float16, device="cuda")
+        xs = buf[offset:offset + x.numel()].view(1024, 4096)  # 8-byte aligned only when offset = 4
+        xs.copy_(x)
+        ref = w4a16_matmul_reference(xs.float(), w)
+        check(tw.w4a16_matmul(*args(xs, w), out=poisoned((1024, N), torch.float16, "cuda")), ref, torch.float16,
+              f"fallback N={N} offset={offset} seed={seed}")
+    x, w, _, seed = make_problem(1024, 4096, 4096, 128, False, torch.bfloat16, device="cuda")
+    out = torch.empty(1024, 4096, dtype=torch.bfloat16, device="cuda")
+    tw.w4a16_matmul(*args(x, w), out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tw.w4a16_matmul(*args(x, w), out=out)
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    check(out, w4a16_matmul_reference(x.float(), w), torch.bfloat16, f"graph replay seed={seed}")
 
 
 @pytest.mark.gpu
@@ -312,7 +465,7 @@ def test_gpu_real_sizes(M, N, K, dtype):
     x, w, ref, seed = make_problem(M, N, K, 128, False, dtype, device="cuda")
     out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, N), dtype, "cuda"))
     check(out, ref, dtype, f"auto M={M} N={N} K={K} seed={seed}")
-    for kernel in KERNELS if M <= 64 else ("gemm", "dequant"):
+    for kernel in KERNELS if M <= 64 else ("gemm", "dequant", *SM90):
         out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, "cuda"))
         check(out, ref, dtype, f"{kernel} M={M} N={N} K={K} seed={seed}")
 

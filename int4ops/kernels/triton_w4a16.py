@@ -1,10 +1,11 @@
 """Triton backend of ``torch.ops.int4ops.w4a16_mm``: argument checks, kernel choice, configs.
 
-Three paths (each kernel next to its launcher):
+Four paths (each kernel next to its launcher):
 
-    gemv     triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
-    gemm     triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
-    dequant  triton_gemm.py  w4a16_dequant_matmul  large M: dequantize to a dense buffer + cuBLAS
+    gemv       triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
+    gemm       triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
+    gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       large M on sm_90: fused, warp-specialised wgmma (Gluon)
+    dequant    triton_gemm.py  w4a16_dequant_matmul  large M elsewhere: dequantize to a dense buffer + cuBLAS
 
 ``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
 
@@ -14,8 +15,10 @@ Three paths (each kernel next to its launcher):
    GPU never stalls on autotuning: the first call of a new config costs only Triton's JIT
    compile (see notes/triton_kernels.md), later calls a dict lookup.
 
-``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant`` forces one path (with its heuristic config): a
-debugging and testing knob.
+``gemm_sm90`` takes over from ``dequant`` where it was measured faster (``sm90_default``); it
+runs on sm_90 GPUs only (not in the interpreter) and where a call's shape and pointers suit TMA,
+else ``dequant`` runs. ``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path
+(with its heuristic config): a debugging and testing knob.
 
 Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
 torch.compile-friendly (the op is opaque to Dynamo anyway).
@@ -52,8 +55,17 @@ try:
 except ImportError as e:  # no Triton (e.g. macOS / Windows): the op falls back elsewhere
     _IMPORT_ERROR = e
 
+try:  # Gluon is experimental: a Triton without it (or with another API) only loses gemm_sm90
+    from . import gluon_sm90
+
+    LAUNCHERS["gemm_sm90"] = gluon_sm90.w4a16_gemm_sm90
+    _SM90_ERROR = None
+except Exception as e:  # noqa: BLE001 - ImportError, or AttributeError from an API change
+    gluon_sm90 = None
+    _SM90_ERROR = e
+
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNELS = ("gemv", "gemm", "dequant")
+KERNELS = ("gemv", "gemm", "dequant", "gemm_sm90")
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _INT32_LIMIT = 2**31
 
@@ -121,6 +133,8 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         return dict(kernel="gemv", block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1)
     if kernel == "dequant":
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
+    if kernel == "gemm_sm90":
+        return dict(kernel="gemm_sm90")  # fixed tiles (gluon_sm90.BN/BM/BK, STAGES)
     # Fused GEMM (H100 tuning, 2026-11-22, PTX unpacking): the activation rows are the MMA's N,
     # so the row tile only needs to cover M; 64-feature tiles at M <= 16 (more programs), 128
     # above; K split until ~3 programs per SM, and so that no program walks more than 16 K-tiles.
@@ -142,8 +156,27 @@ def default_kernel(M: int) -> str:
     return "gemm" if M <= 128 else "dequant"
 
 
+def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
+    """Whether ``gemm_sm90`` replaces ``dequant`` on an sm_90 GPU. Measured on an H100, fp16/bf16,
+    group 128, the two timed in alternation (bench/results/kernels_h100_2026-11-22_sm90_run*.json):
+    it wins once its 128 x 256 tiles fill ~0.7 of a wave: from M = 512 on 6144x4096 and the
+    28672-feature layers (0.74-0.80x of cuBLAS against 0.59-0.66x), at M = 1024 on all five layers
+    (0.76-0.92x against 0.74-0.79x; 6144x4096 about ties). From M = 2048 the dense GEMM's
+    efficiency pays for the dequantize (there it lost on three of five layers by 2-5%)."""
+    if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype) or M >= 2048:
+        return False
+    tiles = math.ceil(M / gluon_sm90.BM) * math.ceil(N / gluon_sm90.BN)
+    return tiles >= 0.7 * sms
+
+
 def tuned_file(device_name: str) -> Path:
     return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_capable(device: torch.device) -> bool:
+    """gemm_sm90 can run here: Gluon imported, an sm_90 GPU, not the interpreter."""
+    return gluon_sm90 is not None and gluon_sm90.capable(device) and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,8 +225,11 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None) -> dict:
+def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None,
+                  dtype: torch.dtype = torch.float16) -> dict:
     sms, table = _device_info(device)
+    if forced is None and M > 128 and sm90_capable(device) and sm90_default(M, N, K, dtype, sms):
+        return heuristic_config("gemm_sm90", M, N, K, group_size, sms)
     if forced is None:
         cfg = _tuned(table, M, N, K, group_size)
         if cfg is not None:
@@ -242,8 +278,8 @@ def w4a16_matmul(x, qweight, scales, zeros, in_features, group_size, out=None):
     M, N = x.shape[0], qweight.shape[1]
     if M == 0 or N == 0:
         return out if out is not None else x.new_empty((M, N))
-    cfg = choose_config(x.device, M, N, in_features, group_size, forced)
-    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
+    cfg = choose_config(x.device, M, N, in_features, group_size, forced, x.dtype)
+    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict=forced is not None)
 
 
 def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=None, **config):
@@ -254,10 +290,24 @@ def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=N
     _check_args(x, qweight, scales, zeros, in_features, group_size, out)
     M, N = x.shape[0], qweight.shape[1]
     cfg = {**heuristic_config(kernel, M, N, in_features, group_size, _device_info(x.device)[0]), **config}
-    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out)
+    return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict=True)
 
 
-def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out):
+def _sm90_refusal(x, qweight, in_features) -> str | None:
+    """Why gemm_sm90 cannot run this call, or None."""
+    if gluon_sm90 is None:
+        return f"Gluon is unavailable in this Triton ({type(_SM90_ERROR).__name__}: {_SM90_ERROR})"
+    if not sm90_capable(x.device):
+        return f"it needs an sm_90 GPU (Hopper) outside the Triton interpreter, got {x.device}"
+    M, N = x.shape[0], qweight.shape[1]
+    if not gluon_sm90.shape_ok(M, N, in_features, x.dtype):
+        return f"it needs fp16/bf16 x, K % 8 == 0 and N % 4 == 0, got {x.dtype}, K={in_features}, N={N}"
+    if not gluon_sm90.pointers_ok(x, qweight):
+        return "TMA needs x and qweight 16-byte aligned with 16-byte row strides"
+    return None
+
+
+def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict=False):
     M, N = x.shape[0], qweight.shape[1]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -267,6 +317,12 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out):
         x = x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
+    if cfg["kernel"] == "gemm_sm90":
+        why = _sm90_refusal(x, qweight, in_features)
+        if why is not None:
+            if strict:
+                raise ValueError(f"kernel gemm_sm90 cannot run this call: {why}")
+            cfg = heuristic_config("dequant", M, N, in_features, group_size, _device_info(x.device)[0])
     params = dict(cfg)
     launch = LAUNCHERS[params.pop("kernel")]
     gs = effective_group_size(in_features, group_size)

@@ -1,0 +1,325 @@
+"""Fused large-M W4A16 GEMM for Hopper (sm_90), written in Gluon (``triton.experimental.gluon``).
+
+Plain Triton could not overlap the int4 unpacking with the tensor cores on triton 3.6 (notes item 25),
+so dequantize + cuBLAS was the large-M path, paying 2 bytes per weight of extra traffic. This kernel
+never materialises W in 16 bits:
+
+    out^T [BN features, BM tokens] = deq(W) [BN, BK] @ x^T [BK, BM]      (wgmma, fp32 accumulators)
+
+    producer warp (worker partition, 24 registers)        consumers: 8 warps = 2 warpgroups (default)
+    ------------------------------------------------      --------------------------------------------
+    wait empty[s]                                          wait ready[s]
+    TMA x tile   [BM, BK] (128B swizzle) -> x_smem[s]      words of w_smem[s] -> dequantize -> A registers
+    TMA word tile [BK/8, BN] (no swizzle) -> w_smem[s]     wgmma(A regs, x_smem[s]^T), keep one in flight
+    ready[s] completes when both landed                    arrive empty[s'] for the wgmma just retired
+
+Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-28):
+
+* W is the wgmma A operand from REGISTERS: dequantized values written to shared memory inside the
+  loop make ptxas serialise every wgmma (it cannot prove the generic stores do not alias an
+  in-flight wgmma's operands).
+* In the 16-bit A-operand layout a thread holds k pairs (2c, 2c+1) + 8j with c = lane % 4, i.e.
+  byte c of packed word k // 8 (int4ops.format: 8 codes per word along k, lowest nibble first).
+  So the kernel works on a [BN, BK/2] tensor of PAIRS laid out as the 32-bit A operand (k_width 1):
+  one packed word per pair, and x needs no permutation.
+* One inline-asm step per pair (fp16: 4 instructions for 2 weights):
+      prmt  byte c -> bytes 0 and 2          lop3  keep bits 0-3 and 20-23, OR 0x6400 in both halves
+      fma   (1024 + q_lo, 1024 + 16 q_hi) * (1, 1/16) - (1024 + z, 64 + z) = (q - z) exactly
+      mul   by the group's scale: W is rounded to x's dtype once, like the reference.
+  bf16 has no mantissa room for 16 q (bit 7 of the high half is an exponent bit), so it spends
+  one more: prmt isolates the byte, x 0x1001 moves its high nibble to bits 16-19, lop3 adds the
+  128 magic, then sub + mul (5 instructions).
+* The word tile comes by TMA with no swizzle, which lands plain row-major; it is read through a
+  reinterpreted plain shared layout (read through the NVMMA view it came back wrong on triton 3.6).
+* Warp specialisation: a producer warp runs the TMA ring ahead on its own (ready/empty mbarriers),
+  so the consumers only wait for data, dequantize and issue wgmmas. The two consumer warpgroups
+  share one partition: as two partitions ptxas ran the second one's code at a lower register
+  budget and serialised its wgmmas.
+* A register-A wgmma reads its registers until the wait that retires it, and nothing tells ptxas
+  so: with one wgmma in flight the next tile's A could land in the same registers (garbage). The
+  K loop is unrolled by two with two A register sets, each handed to the wait that retires its
+  wgmma as a dependency.
+* Persistent: one CTA per SM walks its tiles; the producer runs on into the next tile while the
+  consumers store the last one.
+* Scales and zero points: one per row per K-tile when the K-tile divides the group (a row
+  vector, loaded a tile ahead), else one per pair.
+
+Requirements (``supports``): an sm_90 GPU, fp16/bf16 x, K % 8 == 0 and N % 4 == 0 (TMA strides are
+16-byte multiples), 16-byte aligned x and qweight. Gluon kernels do not run under TRITON_INTERPRET:
+the CPU suite checks this file's dispatch and that it compiles for sm_90 without serialised wgmmas;
+its numbers are checked on the GPU (tests/test_triton_kernels.py, marked gpu).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Names that moved between triton 3.6 (the device image) and 3.9 (CI); the old names raise in 3.9.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
+
+# $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale, twice.
+_DEQ_F16 = gl.constexpr("""{
+.reg .b32 r, k;
+mov.b32 k, 0x2C003C00;
+prmt.b32 r, $2, 0, $3;
+lop3.b32 r, r, 0x00F0000F, 0x64006400, 0xEA;
+fma.rn.f16x2 r, r, k, $4;
+mul.f16x2 r, r, $5;
+mov.b32 {$0, $1}, r;
+}""")
+_DEQ_BF16 = gl.constexpr("""{
+.reg .b32 r;
+prmt.b32 r, $2, 0, $3;
+mul.lo.u32 r, r, 4097;
+lop3.b32 r, r, 0x000F000F, 0x43004300, 0xEA;
+sub.rn.bf16x2 r, r, $4;
+mul.rn.bf16x2 r, r, $5;
+mov.b32 {$0, $1}, r;
+}""")
+
+BN, BM, BK = 128, 256, 64  # features x tokens x k per tile; BM = 128 for a split last wave
+STAGES = 4  # 4 x (32 KB of x + 4 KB of words); 5 measured no faster
+PRODUCER_REGS = 24
+MAXNREG = 168  # 12 warps (8 + 1, rounded to warpgroups) x 168 fills the register file at launch
+
+
+@gluon.constexpr_function
+def _mma_layout(bm, warps):
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, bm, 16])
+
+
+@gluon.constexpr_function
+def _split_pair_axis(ll, bn, bk):
+    """The [BN, BK/2] pair layout as a [BN, BK/8, 4] layout (pair p = 4 * word + byte)."""
+    def f(bases):
+        return [[b[0], b[1] >> 2, b[1] & 3] for b in bases]
+    return gl.DistributedLinearLayout(f(ll.reg_bases), f(ll.lane_bases), f(ll.warp_bases), f(ll.block_bases),
+                                      [bn, bk // 8, 4])
+
+
+@gluon.jit
+def _tile_offsets(t, M, N, n_tile0, BN: gl.constexpr, BM: gl.constexpr, TOKENS_FAST: gl.constexpr):
+    """Tile t's first token and feature. Consecutive tiles share the smaller operand's slice."""
+    if TOKENS_FAST:
+        num_m = gl.cdiv(M, BM)
+        return (t % num_m) * BM, (n_tile0 + t // num_m) * BN
+    else:
+        num_n = gl.cdiv(N, BN)
+        return (t // num_n) * BM, (n_tile0 + t % num_n) * BN
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
+              num_tiles, n_tile0, num_k, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr,
+              BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
+    c = 0  # ring position, continued across tiles
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(t, M, N, n_tile0, BN, BM, TOKENS_FAST)
+        for i in range(num_k):
+            s = c % STAGES
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            # Past K (and N) TMA fills zeros, so an even number of K-tiles costs nothing extra.
+            _tma_load(x_desc, [off_m, i * BK], ready.index(s), x_smem.index(s))
+            _tma_load(w_desc, [i * (BK // 8), off_n], ready.index(s), w_smem.index(s))
+            c += 1
+
+
+@gluon.jit
+def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BK: gl.constexpr,
+                  BN: gl.constexpr, DTYPE: gl.constexpr, PAIR: gl.constexpr):
+    """K-tile i's zero term and scale as 2 x 16 bits in an int32 each, for the pair asm."""
+    n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, PAIR))
+    nmask = n < N
+    if GROUP % BK == 0:  # one group per tile: a row vector
+        g = (i * BK) // GROUP
+        sm = nmask & (g < G)
+        s = gl.load(s_ptr + g * N + n, mask=sm, other=0.0).to(DTYPE)
+        if HAS_ZEROS:
+            z = gl.load(z_ptr + g * N + n, mask=sm, other=0).to(gl.int32)
+        else:
+            z = gl.full([BN], 8, gl.int32, gl.SliceLayout(1, PAIR))
+    else:  # several groups per tile: one value per pair
+        p = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR))
+        g = (i * BK + 2 * p) // GROUP
+        off = g[None, :] * N + n[:, None]
+        sm = nmask[:, None] & (g < G)[None, :]
+        s = gl.load(s_ptr + off, mask=sm, other=0.0).to(DTYPE)
+        if HAS_ZEROS:
+            z = gl.load(z_ptr + off, mask=sm, other=0).to(gl.int32)
+        else:
+            z = gl.full([BN, BK // 2], 8, gl.int32, PAIR)
+    sb = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    ss = sb | (sb << 16)
+    if DTYPE == gl.float16:
+        zz = (0xE400 + z) | ((0xD400 + 16 * z) << 16)  # -(1024 + z), -(64 + z) in fp16
+    else:
+        zz = (0x4300 + z) | ((0x4300 + z) << 16)  # 128 + z in bf16, twice
+    if GROUP % BK == 0:
+        ss = gl.expand_dims(ss, 1)
+        zz = gl.expand_dims(zz, 1)
+    return zz, ss
+
+
+@gluon.jit
+def _a_operand(x_desc, w_smem, ready, c, sel, zz, ss, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+               L3: gl.constexpr, PAIR: gl.constexpr, DOT: gl.constexpr):
+    """Wait for ring slot c, dequantize its words straight into the wgmma A-operand registers."""
+    st = c % STAGES
+    mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+    plain = _reinterpret(w_smem.index(st), gl.int32, [BK // 8, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # Each thread reads the words of its pairs once; the 4 lanes of a quad read the same word.
+    words = plain.permute((1, 0)).load(gl.SliceLayout(2, L3))
+    w3 = gl.expand_dims(words, 2) + gl.zeros([BN, BK // 8, 4], gl.int32, L3)
+    w = gl.convert_layout(gl.reshape(w3, [BN, BK // 2]), PAIR)
+    if x_desc.dtype == gl.float16:
+        lo, hi = gl.inline_asm_elementwise(_DEQ_F16, "=h,=h,r,r,r,r", [w, sel, zz, ss],
+                                           dtype=(x_desc.dtype, x_desc.dtype), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise(_DEQ_BF16, "=h,=h,r,r,r,r", [w, sel, zz, ss],
+                                           dtype=(x_desc.dtype, x_desc.dtype), is_pure=True, pack=1)
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [BN, BK]), DOT)
+
+
+@gluon.jit
+def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
+              num_tiles, n_tile0, num_k, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr,
+              BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
+    DTYPE: gl.constexpr = x_desc.dtype
+    MMA: gl.constexpr = _mma_layout(BM, gl.num_warps())
+    DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    PAIR: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+    L3: gl.constexpr = _split_pair_axis(gl.to_linear_layout(PAIR, [BN, BK // 2]), BN, BK)
+    OUT: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # features fastest
+
+    # prmt selector of a pair: its byte c = lane % 4 -> bytes 0 and 2 (fp16) / byte 0 (bf16), zeros elsewhere.
+    c4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    if DTYPE == gl.float16:
+        c4 = c4 * 0x101 + 0x4040
+    else:
+        c4 = c4 + 0x4440
+    sel3 = gl.expand_dims(gl.expand_dims(c4, 0), 1) + gl.zeros([BN, BK // 8, 4], gl.int32, L3)
+    sel = gl.convert_layout(gl.reshape(sel3, [BN, BK // 2]), PAIR)
+
+    c = 0  # ring position, continued across tiles (the producer counts the same way)
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _tile_offsets(t, M, N, n_tile0, BN, BM, TOKENS_FAST)
+        acc = gl.zeros([BN, BM], gl.float32, MMA)
+        a1 = gl.zeros([BN, BK], DTYPE, DOT)
+        zz, ss = _scales_zeros(s_ptr, z_ptr, 0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+        for i in range(0, num_k, 2):
+            # Two K-tiles per trip, A register sets a0 and a1: each is a dependency of the wait that
+            # retires its wgmma, so the next tile's A cannot land in registers a wgmma still reads.
+            a0 = _a_operand(x_desc, w_smem, ready, c + i, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
+            zz, ss = _scales_zeros(s_ptr, z_ptr, i + 1, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+            acc = warpgroup_mma(a0, x_smem.index((c + i) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))  # retires K-tile i - 1
+            mbarrier.arrive(empty.index((c + i + STAGES - 1) % STAGES), pred=i > 0)
+
+            a1 = _a_operand(x_desc, w_smem, ready, c + i + 1, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
+            zz, ss = _scales_zeros(s_ptr, z_ptr, i + 2, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+            acc = warpgroup_mma(a1, x_smem.index((c + i + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))  # retires K-tile i
+            mbarrier.arrive(empty.index((c + i) % STAGES))
+        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+        mbarrier.arrive(empty.index((c + num_k - 1) % STAGES))
+        c += num_k
+
+        o = gl.convert_layout(acc.to(DTYPE), OUT)
+        n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
+        m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
+        gl.store(out_ptr + m[None, :] * stride_om + n[:, None], o, mask=(n < N)[:, None] & (m < M)[None, :])
+
+
+@gluon.jit
+def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, G, stride_om, num_tiles, n_tile0, num_k,
+                           GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr):
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BK // 8, BN], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize([
+        (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
+                     num_tiles, n_tile0, num_k, GROUP, HAS_ZEROS, BN, BM, BK, STAGES, TOKENS_FAST)),
+        (_producer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
+                     num_tiles, n_tile0, num_k, GROUP, HAS_ZEROS, BN, BM, BK, STAGES, TOKENS_FAST)),
+    ], [1], [PRODUCER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def capable(device: torch.device) -> bool:
+    """An sm_90 GPU (wgmma and TMA as this kernel uses them exist on sm_90 only)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def shape_ok(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
+    """Shapes and dtypes the kernel takes: TMA needs 16-byte row strides (K % 8 for x, N % 4 for
+    the words), wgmma 16-bit operands."""
+    return dtype in _GL_DTYPES and K % 8 == 0 and N % 4 == 0 and M > 0 and N > 0
+
+
+def pointers_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """TMA base addresses must be 16-byte aligned (a sliced tensor may not be)."""
+    return x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+
+
+def plan(M: int, N: int, sms: int) -> list[tuple[int, int, int]]:
+    """Launches as (token tile, first feature tile, feature tiles). One persistent launch of
+    256-token tiles, except where its last wave would run under half full: those feature tiles
+    then run as a second launch of 128-token tiles (twice the CTAs, half the work each)."""
+    num_m, num_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
+    tokens_fast = _tokens_fast(M, N)
+    waves, rest = divmod(num_m * num_n, sms)
+    n_split = waves * sms // num_m
+    if tokens_fast and waves and 0 < 2 * rest <= sms and 0 < n_split < num_n:
+        return [(BM, 0, n_split), (128, n_split, num_n - n_split)]
+    return [(BM, 0, num_n)]
+
+
+def _tokens_fast(M: int, N: int) -> bool:
+    """Walk token tiles first (CTAs in step share a weight tile) unless x is the larger operand."""
+    return 4 * M <= N
+
+
+def w4a16_gemm_sm90(x, qweight, scales, zeros, in_features, group_size, out):
+    """``out = x @ dequant(W).T`` (x [M, K] fp16/bf16 contiguous, checked by the caller with
+    ``capable``/``shape_ok``/``pointers_ok``); ``group_size`` is the effective one (K_pad for -1)."""
+    M, N = x.shape[0], qweight.shape[1]
+    k_tiles = triton.cdiv(qweight.shape[0] * 8, BK)
+    num_k = k_tiles + (k_tiles & 1)  # the K loop does two tiles a trip; TMA zero-fills the extra one
+    sms = _sm_count(x.device)
+    w_desc = TensorDescriptor.from_tensor(qweight, [BK // 8, BN], gl.NVMMASharedLayout(0, 32, 2))
+    zeros_arg = zeros if zeros is not None else scales
+    for bm, n_tile0, n_tiles in plan(M, N, sms):
+        x_layout = gl.NVMMASharedLayout.get_default_for([bm, BK], _GL_DTYPES[x.dtype])
+        x_desc = TensorDescriptor.from_tensor(x, [bm, BK], x_layout)
+        tiles = triton.cdiv(M, bm) * n_tiles
+        w4a16_gemm_sm90_kernel[(min(sms, tiles), )](
+            x_desc, w_desc, scales, zeros_arg, out, M, N, scales.shape[0], out.stride(0), tiles, n_tile0, num_k,
+            group_size, zeros is not None, BN, bm, BK, STAGES, _tokens_fast(M, N), PRODUCER_REGS,
+            num_warps=8, maxnreg=MAXNREG)
+    return out
