@@ -25,7 +25,7 @@ Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-
 * One inline-asm step per pair (fp16: 4 instructions for 2 weights):
       prmt  byte c -> bytes 0 and 2          lop3  keep bits 0-3 and 20-23, OR 0x6400 in both halves
       fma   (1024 + q_lo, 1024 + 16 q_hi) * (1, 1/16) - (1024 + z, 64 + z) = (q - z) exactly
-      mul   by the group's scale: W is rounded to x's dtype once, like the reference.
+      mul   by the group's scale (in x's dtype): W is rounded to x's dtype once, as dequantize + cuBLAS does.
   bf16 has no mantissa room for 16 q (bit 7 of the high half is an exponent bit), so it spends
   one more: prmt isolates the byte, x 0x1001 moves its high nibble to bits 16-19, lop3 adds the
   128 magic, then sub + mul (5 instructions).
@@ -44,10 +44,11 @@ Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-
 * Scales and zero points: one per row per K-tile when the K-tile divides the group (a row
   vector, loaded a tile ahead), else one per pair.
 
-Requirements (``supports``): an sm_90 GPU, fp16/bf16 x, K % 8 == 0 and N % 4 == 0 (TMA strides are
-16-byte multiples), 16-byte aligned x and qweight. Gluon kernels do not run under TRITON_INTERPRET:
-the CPU suite checks this file's dispatch and that it compiles for sm_90 without serialised wgmmas;
-its numbers are checked on the GPU (tests/test_triton_kernels.py, marked gpu).
+Requirements (``capable``, ``shape_ok``, ``pointers_ok``; triton_w4a16 falls back to dequantize +
+cuBLAS otherwise): an sm_90 GPU, fp16/bf16 x, K % 8 == 0 and N % 4 == 0 (TMA strides are 16-byte
+multiples), 16-byte aligned x and qweight. Gluon kernels do not run under TRITON_INTERPRET: the CPU
+suite checks the launch plan and that the kernel compiles for sm_90 without serialised wgmmas; its
+results are checked against the reference on the GPU (tests/test_triton_kernels.py, marked gpu).
 """
 
 from __future__ import annotations
