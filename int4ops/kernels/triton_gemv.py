@@ -236,13 +236,14 @@ def _load_tile(w_ptrs, scales_ptr, zeros_ptr, k0, K, K_WORDS, group_shift, N, wo
     z_ptrs = zeros_ptr + g[:, None] * N + offs_n[None, :]
     if EVEN_K and EVEN_N:
         qw = tl.load(w_ptrs)
-        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, None, HAS_ZEROS, True)
+        sz_mask = None
     elif EVEN_K:
         qw = tl.load(w_ptrs, mask=n_mask[None, None, :], other=0)
-        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, n_mask[None, :], HAS_ZEROS, False)
+        sz_mask = n_mask[None, :]
     else:  # sub-tiles past K: codes 0 (x is 0 there), scale 0, and no group index out of range
         qw = tl.load(w_ptrs, mask=((k0 // 8 + word_rows) < K_WORDS)[:, :, None] & n_mask[None, None, :], other=0)
-        scale, zero = scales_zeros_at(s_ptrs, z_ptrs, ((k0 + sub_k) < K)[:, None] & n_mask[None, :], HAS_ZEROS, False)
+        sz_mask = ((k0 + sub_k) < K)[:, None] & n_mask[None, :]
+    scale, zero = scales_zeros_at(s_ptrs, z_ptrs, sz_mask, HAS_ZEROS, EVEN_K and EVEN_N)
     return qw, scale[:, None, :], zero[:, None, :]
 
 
