@@ -311,6 +311,7 @@ def test_sm90_default_rule():
     assert tw.sm90_default(1536, 4096, 14336, f16, 132)
     assert not tw.sm90_default(2048, 4096, 14336, f16, 132)
     assert not tw.sm90_default(512, 4096, 4096, f16, 132)  # 64 tiles: half a wave
+    assert not tw.sm90_default(128, 28672, 4096, f16, 132)  # 224 tiles, but the fused GEMM's M
     assert not tw.sm90_default(4096, 4096, 4096, f16, 132)  # dequantize + cuBLAS wins there
     assert not tw.sm90_default(1024, 4096, 4096, torch.float32, 132)
     assert not tw.sm90_default(1024, 4096, 4100, f16, 132)  # K % 8: x's TMA row stride

@@ -165,6 +165,8 @@ def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
     efficiency pays for the dequantize (there it lost on three of five layers by 2-5%)."""
     if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype) or M >= 2048:
         return False
+    if M <= 128:  # the fused split-K GEMM's range (default_kernel), tuned per shape
+        return False
     tiles = math.ceil(M / gluon_sm90.BM) * math.ceil(N / gluon_sm90.BN)
     return tiles >= 0.7 * sms
 
@@ -228,7 +230,7 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
 def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None,
                   dtype: torch.dtype = torch.float16) -> dict:
     sms, table = _device_info(device)
-    if forced is None and M > 128 and sm90_capable(device) and sm90_default(M, N, K, dtype, sms):
+    if forced is None and sm90_capable(device) and sm90_default(M, N, K, dtype, sms):
         return heuristic_config("gemm_sm90", M, N, K, group_size, sms)
     if forced is None:
         cfg = _tuned(table, M, N, K, group_size)
