@@ -118,8 +118,7 @@ def _tile_offsets(t, M, N, n_tile0, BN: gl.constexpr, BM: gl.constexpr, TOKENS_F
 
 
 @gluon.jit
-def _producer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
-              num_tiles, n_tile0, num_k, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr,
+def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, BN: gl.constexpr,
               BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
     c = 0  # ring position, continued across tiles
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -255,8 +254,8 @@ def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, G, strid
     gl.warp_specialize([
         (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
                      num_tiles, n_tile0, num_k, GROUP, HAS_ZEROS, BN, BM, BK, STAGES, TOKENS_FAST)),
-        (_producer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
-                     num_tiles, n_tile0, num_k, GROUP, HAS_ZEROS, BN, BM, BK, STAGES, TOKENS_FAST)),
+        (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, BN, BM, BK,
+                     STAGES, TOKENS_FAST)),
     ], [1], [PRODUCER_REGS])
 
 
