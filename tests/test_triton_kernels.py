@@ -344,38 +344,20 @@ def test_sm90_refuses_clearly_where_it_cannot_run(weight):
     assert tw.choose_config(x.device, 2048, 33, 100, 32, None, torch.float16)["kernel"] != "gemm_sm90"
 
 
-def _compile_sm90(dtype, group_size, bm):
-    """gemm_sm90's kernel compiled for sm_90 on this machine (no GPU needed): (SASS, shared bytes)."""
+def _sm90_sass_counts(dtype, group_size, bm):
+    """tests/sm90_sass.py in a child process without the interpreter: {instruction: count, "shared": bytes}."""
     import subprocess
+    import sys
+    from pathlib import Path
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    m = tw.gluon_sm90
-    gdt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
-    x, qw = torch.empty(1024, 4096, dtype=dtype), torch.empty(512, 4096, dtype=torch.int32)
-    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, m.BK],
-                              gl.NVMMASharedLayout.get_default_for([bm, m.BK], gdt))
-    w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
-    ptr = "*fp16" if dtype == torch.float16 else "*bf16"
-    sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
-           **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k")}}
-    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m.STAGES, TOKENS_FAST=True,
-                  PRODUCER_REGS=m.PRODUCER_REGS)
-    sig.update({a: "constexpr" for a in consts})
-    fn = m.w4a16_gemm_sm90_kernel
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, {})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8, "maxnreg": m.MAXNREG})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    import tempfile
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return sass, k.metadata.shared
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1],
+                        str(group_size), str(bm)], capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, f"compiling gemm_sm90 for sm_90 failed:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("dtype,group_size,bm", ((torch.float16, 128, 256), (torch.bfloat16, 32, 128)))
@@ -387,17 +369,14 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm):
     and would pass every correctness test. Also: 4 ops per fp16 pair (PRMT, LOP3, HFMA2, HMUL2)."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
-    try:
-        sass, shared = _compile_sm90(dtype, group_size, bm)
-    except (ImportError, AttributeError, FileNotFoundError) as e:
-        pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {type(e).__name__}: {e}")
-    hgmma, waits = sass.count("HGMMA."), sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    counts = _sm90_sass_counts(dtype, group_size, bm)
+    hgmma, waits = counts["HGMMA."], counts["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
     assert hgmma == 8, f"{hgmma} HGMMA: expected 4 per K-tile, two K-tiles per trip"
     assert waits <= 3, f"{waits} full wgmma waits for {hgmma} wgmmas: ptxas serialised them"
-    assert "STL" not in sass, "register spills"
-    assert shared <= 227 * 1024
+    assert counts["STL"] == 0, "register spills"
+    assert counts["shared"] <= 227 * 1024
     if dtype == torch.float16:
-        assert sass.count("HFMA2") == sass.count("HMUL2") > 0
+        assert counts["HFMA2"] == counts["HMUL2"] > 0
 
 
 # ------------------------------------------------------------------------------------------------

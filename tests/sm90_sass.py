@@ -1,0 +1,57 @@
+"""Compile int4ops' gemm_sm90 kernel for sm_90 without a GPU and print its SASS statistics as JSON.
+
+    python tests/sm90_sass.py float16|bfloat16 GROUP_SIZE BM
+
+Run by tests/test_triton_kernels.py in a child process: the Triton interpreter, which the CPU suite
+runs in-process, patches the language and leaves Gluon's compiler unable to build layouts there.
+Exit status 3 with a reason on stderr: this Triton cannot compile Gluon for sm_90 (old API, no ptxas).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+
+def compile_sm90(dtype: torch.dtype, group_size: int, bm: int) -> tuple[str, int]:
+    """(SASS, shared-memory bytes) of gemm_sm90's kernel compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from int4ops.kernels import gluon_sm90 as m
+
+    gdt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    x, qw = torch.empty(1024, 4096, dtype=dtype), torch.empty(512, 4096, dtype=torch.int32)
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, m.BK],
+                              gl.NVMMASharedLayout.get_default_for([bm, m.BK], gdt))
+    w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
+    ptr = "*fp16" if dtype == torch.float16 else "*bf16"
+    sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
+           **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k")}}
+    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m.STAGES, TOKENS_FAST=True,
+                  PRODUCER_REGS=m.PRODUCER_REGS)
+    sig.update({a: "constexpr" for a in consts})
+    fn = m.w4a16_gemm_sm90_kernel
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, {})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8, "maxnreg": m.MAXNREG})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, k.metadata.shared
+
+
+if __name__ == "__main__":
+    try:
+        sass, shared = compile_sm90(getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(3)
+    ops = ("HGMMA.", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "STL", "HFMA2", "HMUL2")
+    print(json.dumps({"shared": shared, **{op: sass.count(op) for op in ops}}))
