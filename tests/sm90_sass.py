@@ -1,6 +1,6 @@
 """Compile int4ops' gemm_sm90 kernel for sm_90 without a GPU and print its SASS statistics as JSON.
 
-    python tests/sm90_sass.py float16|bfloat16 GROUP_SIZE BM
+    python tests/sm90_sass.py float16|bfloat16 GROUP_SIZE BM [SPLIT_K]
 
 Run by tests/test_triton_kernels.py in a child process: the Triton interpreter, which the CPU suite
 runs in-process, patches the language and leaves Gluon's compiler unable to build layouts there.
@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 
-def compile_sm90(dtype: torch.dtype, group_size: int, bm: int) -> tuple[str, int]:
+def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = False) -> tuple[str, int]:
     """(SASS, shared-memory bytes) of gemm_sm90's kernel compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -32,9 +32,10 @@ def compile_sm90(dtype: torch.dtype, group_size: int, bm: int) -> tuple[str, int
     w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
     ptr = "*fp16" if dtype == torch.float16 else "*bf16"
     sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
-           **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k")}}
-    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m.STAGES, TOKENS_FAST=True,
-                  PRODUCER_REGS=m.PRODUCER_REGS)
+           "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k", "split", "k_per_split")}}
+    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m._stages(bm), TOKENS_FAST=True,
+                  SPLIT_K=split_k, PRODUCER_REGS=m.PRODUCER_REGS)
     sig.update({a: "constexpr" for a in consts})
     fn = m.w4a16_gemm_sm90_kernel
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, {})
@@ -49,7 +50,8 @@ def compile_sm90(dtype: torch.dtype, group_size: int, bm: int) -> tuple[str, int
 
 if __name__ == "__main__":
     try:
-        sass, shared = compile_sm90(getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+        sass, shared = compile_sm90(getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                   len(sys.argv) > 4 and sys.argv[4] == "1")
     except (ImportError, AttributeError, FileNotFoundError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(3)

@@ -301,17 +301,23 @@ def test_tuned_configs_prefer_the_group_they_were_tuned_at():
 
 
 def test_sm90_default_rule():
-    """gemm_sm90 replaces dequantize + cuBLAS where its 128 x 256 tiles fill ~0.7 of a wave,
-    below M = 2048, for fp16/bf16 x and TMA-friendly K and N."""
+    """gemm_sm90 replaces the Triton paths where it measured faster: M = 65-256 (one token tile, K
+    split) on layers larger than 4096x4096, and M = 257-2047 where its 128 x 256 tiles fill ~0.7
+    of a wave; fp16/bf16 x and TMA-friendly K and N only."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
     f16 = torch.float16
     assert tw.sm90_default(1024, 4096, 4096, f16, 132)  # 128 tiles
     assert tw.sm90_default(512, 6144, 4096, torch.bfloat16, 132)  # 96 tiles
     assert tw.sm90_default(1536, 4096, 14336, f16, 132)
+    assert tw.sm90_default(128, 28672, 4096, f16, 132)  # one token tile, K split
+    assert tw.sm90_default(65, 6144, 4096, torch.bfloat16, 132)
+    assert tw.sm90_default(256, 4096, 14336, f16, 132)
+    assert not tw.sm90_default(64, 28672, 4096, f16, 132)  # the fused Triton GEMM's M
+    assert not tw.sm90_default(128, 4096, 4096, f16, 132)  # the smallest layer keeps the Triton paths
+    assert not tw.sm90_default(257, 4096, 4096, f16, 132)  # 64 tiles of 256 tokens: half a wave
+    assert not tw.sm90_default(512, 4096, 4096, f16, 132)
     assert not tw.sm90_default(2048, 4096, 14336, f16, 132)
-    assert not tw.sm90_default(512, 4096, 4096, f16, 132)  # 64 tiles: half a wave
-    assert not tw.sm90_default(128, 28672, 4096, f16, 132)  # 224 tiles, but the fused GEMM's M
     assert not tw.sm90_default(4096, 4096, 4096, f16, 132)  # dequantize + cuBLAS wins there
     assert not tw.sm90_default(1024, 4096, 4096, torch.float32, 132)
     assert not tw.sm90_default(1024, 4096, 4100, f16, 132)  # K % 8: x's TMA row stride
@@ -321,17 +327,41 @@ def test_sm90_default_rule():
 def test_sm90_plan_splits_a_half_empty_last_wave():
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
-    plan = tw.gluon_sm90.plan
+    plan, L = tw.gluon_sm90.plan, tw.gluon_sm90.Launch
     # 48 feature tiles x 4 token tiles on 132 SMs: 60 tiles would make a second wave 45% full,
     # so the last 15 feature tiles run as 120 tiles of 128 tokens.
-    assert plan(1024, 6144, 132) == [(256, 0, 33), (128, 33, 15)]
-    assert plan(1024, 4096, 132) == [(256, 0, 32)]  # one wave
-    assert plan(1024, 28672, 132) == [(256, 0, 224)]  # 6.8 waves: the last is 79% full
-    assert plan(4096, 6144, 132) == [(256, 0, 48)]  # x is the larger operand: features walk first
-    for M, N in ((1000, 6144), (77, 1000), (3000, 28672), (1024, 6144)):
-        launches = plan(M, N, 132)
-        assert launches[0][1] == 0 and sum(n for _, _, n in launches) == math.ceil(N / 128)
-        assert all(a[1] + a[2] == b[1] for a, b in zip(launches, launches[1:]))  # each feature tile once
+    assert plan(1024, 6144, 64, 132) == [L(256, 0, 33), L(128, 33, 15)]
+    assert plan(1024, 4096, 64, 132) == [L(256, 0, 32)]  # one wave
+    assert plan(1024, 28672, 64, 132) == [L(256, 0, 224)]  # 6.8 waves: the last is 79% full
+    assert plan(4096, 6144, 64, 132) == [L(256, 0, 48)]  # x is the larger operand: features walk first
+    for M, N in ((1000, 6144), (300, 1000), (3000, 28672), (1024, 6144)):
+        launches = plan(M, N, 64, 132)
+        assert launches[0].n_tile0 == 0 and sum(la.n_tiles for la in launches) == math.ceil(N / 128)
+        assert all(a.n_tile0 + a.n_tiles == b.n_tile0 for a, b in zip(launches, launches[1:]))
+
+
+@pytest.mark.parametrize("M,N,num_k,bm,split", (
+    (1, 4096, 64, 8, 4),  # 32 tiles x 4 splits: 128 units, one wave
+    (64, 4096, 64, 64, 4),
+    (64, 6144, 64, 64, 2),  # 48 x 2: one wave; x 4 would take two, each unit still a quarter
+    (128, 28672, 64, 128, 1),  # 224 tiles already fill 1.7 waves; a 128-token partial is costly
+    (256, 4096, 224, 256, 4),  # 4096x14336
+    (100, 4100, 16, 128, 4),  # odd N, short K
+    (3, 256, 2, 8, 1),  # one K-tile pair: nothing to split
+))
+def test_sm90_small_m_plan(M, N, num_k, bm, split):
+    """Up to M = 256: one token tile of the smallest wgmma width >= M, K split so the units fill
+    whole waves without paying more for the fp32 partials than the split saves; every split an
+    even number of K-tiles, none empty, together all of K."""
+    if tw.gluon_sm90 is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
+    (la,) = tw.gluon_sm90.plan(M, N, num_k, 132)
+    assert (la.bm, la.n_tile0, la.n_tiles, la.split) == (bm, 0, math.ceil(N / 128), split)
+    assert la.k_per_split % 2 == 0 and (la.split - 1) * la.k_per_split < num_k <= la.split * la.k_per_split
+    for forced in (1, 3, 5, 64):
+        (la,) = tw.gluon_sm90.plan(M, N, num_k, 132, split=forced)
+        assert la.k_per_split % 2 == 0 and (la.split - 1) * la.k_per_split < num_k <= la.split * la.k_per_split
+        assert la.split <= max(1, forced)
 
 
 def test_sm90_refuses_clearly_where_it_cannot_run(weight):
@@ -344,7 +374,7 @@ def test_sm90_refuses_clearly_where_it_cannot_run(weight):
     assert tw.choose_config(x.device, 2048, 33, 100, 32, None, torch.float16)["kernel"] != "gemm_sm90"
 
 
-def _sm90_sass_counts(dtype, group_size, bm):
+def _sm90_sass_counts(dtype, group_size, bm, split_k):
     """tests/sm90_sass.py in a child process without the interpreter: {instruction: count, "shared": bytes}."""
     import subprocess
     import sys
@@ -353,15 +383,16 @@ def _sm90_sass_counts(dtype, group_size, bm):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1],
-                        str(group_size), str(bm)], capture_output=True, text=True, env=env, timeout=600)
+                        str(group_size), str(bm), str(int(split_k))], capture_output=True, text=True, env=env, timeout=600)
     if r.returncode == 3:
         pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {r.stderr.strip()[-300:]}")
     assert r.returncode == 0, f"compiling gemm_sm90 for sm_90 failed:\n{r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype,group_size,bm", ((torch.float16, 128, 256), (torch.bfloat16, 32, 128)))
-def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm):
+@pytest.mark.parametrize("dtype,group_size,bm,split_k", (
+    (torch.float16, 128, 256, False), (torch.bfloat16, 32, 128, False), (torch.float16, 64, 128, True)))
+def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k):
     """Compiled for sm_90 (here, without a GPU), the K loop keeps one wgmma in flight: ptxas
     waits for all of them (WARPGROUP.DEPBAR.LE gsb0, 0x0) only at the loop's two retiring waits
     and the tile's end. Shared-memory stores of the A tile, a second consumer partition or too
@@ -369,7 +400,7 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm):
     and would pass every correctness test. Also: 4 ops per fp16 pair (PRMT, LOP3, HFMA2, HMUL2)."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
-    counts = _sm90_sass_counts(dtype, group_size, bm)
+    counts = _sm90_sass_counts(dtype, group_size, bm, split_k)
     hgmma, waits = counts["HGMMA."], counts["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
     assert hgmma == 8, f"{hgmma} HGMMA: expected 4 per K-tile, two K-tiles per trip"
     assert waits <= 3, f"{waits} full wgmma waits for {hgmma} wgmmas: ptxas serialised them"
@@ -409,6 +440,28 @@ def test_gpu_sm90_matches_reference(M, N, K, group_size, sym, dtype):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,group_size,sym,split", (
+    (1, 4096, 4096, 128, False, None),  # 8-token tile, 4 splits
+    (3, 1000, 4096, 32, True, 5),  # odd N, groups of half a K-tile
+    (16, 4100, 1000, -1, False, 3),  # per channel, K padded, last split short
+    (33, 6144, 4096, 64, True, None),
+    (100, 384, 2048, 256, False, 16),  # 16 splits of 2 K-tiles
+    (128, 28672, 4096, 128, False, 2),  # several units per CTA, split
+    (200, 4096, 14336, 128, True, None),  # 256-token tile, 4 splits
+))
+def test_gpu_sm90_split_k_matches_reference(M, N, K, group_size, sym, split, dtype):
+    """Small M: one token tile, K split across CTAs, partials summed by the tile's last CTA. Run
+    twice: the second call finds the tickets the first reset (a stale one would skip a tile's store
+    and leave NaN in the output)."""
+    x, w, ref, seed = make_problem(M, N, K, group_size, sym, dtype, device="cuda")
+    for call in range(2):
+        out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((M, N), dtype, "cuda"), split_k=split)
+        check(out, ref, dtype, f"gemm_sm90 split={split} call {call} M={M} N={N} K={K} g={group_size} seed={seed}")
+
+
+@pytest.mark.gpu
+@needs_sm90
 def test_gpu_sm90_dispatch_fallback_and_graphs():
     """Where it wins it is the default; a call it cannot take (N % 4, a misaligned x) runs
     dequantize + cuBLAS instead; under CUDA-graph replay it reads the new x."""
@@ -433,6 +486,19 @@ def test_gpu_sm90_dispatch_fallback_and_graphs():
     out.fill_(float("nan"))
     graph.replay()
     check(out, w4a16_matmul_reference(x.float(), w), torch.bfloat16, f"graph replay seed={seed}")
+    # Split K in a graph (the tickets exist from an eager call before the capture), replayed twice.
+    assert tw.choose_config(dev, 100, 6144, 4096, 128, None, torch.float16)["kernel"] == "gemm_sm90"
+    x, w, _, seed = make_problem(100, 6144, 4096, 128, False, torch.float16, device="cuda")
+    out = torch.empty(100, 6144, dtype=torch.float16, device="cuda")
+    tw.w4a16_matmul(*args(x, w), out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tw.w4a16_matmul(*args(x, w), out=out)
+    for replay in range(2):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        check(out, w4a16_matmul_reference(x.float(), w), torch.float16, f"split graph replay {replay} seed={seed}")
 
 
 @pytest.mark.gpu
@@ -445,7 +511,7 @@ def test_gpu_real_sizes(M, N, K, dtype):
     x, w, ref, seed = make_problem(M, N, K, 128, False, dtype, device="cuda")
     out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, N), dtype, "cuda"))
     check(out, ref, dtype, f"auto M={M} N={N} K={K} seed={seed}")
-    for kernel in KERNELS if M <= 64 else ("gemm", "dequant", *SM90):
+    for kernel in (*KERNELS, *SM90) if M <= 64 else ("gemm", "dequant", *SM90):
         out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, "cuda"))
         check(out, ref, dtype, f"{kernel} M={M} N={N} K={K} seed={seed}")
 

@@ -1,4 +1,4 @@
-"""Fused large-M W4A16 GEMM for Hopper (sm_90), written in Gluon (``triton.experimental.gluon``).
+"""Fused W4A16 GEMM for Hopper (sm_90), written in Gluon (``triton.experimental.gluon``).
 
 Plain Triton could not overlap the int4 unpacking with the tensor cores on triton 3.6 (notes item 25),
 so dequantize + cuBLAS was the large-M path, paying 2 bytes per weight of extra traffic. This kernel
@@ -39,8 +39,12 @@ Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-
   so: with one wgmma in flight the next tile's A could land in the same registers (garbage). The
   K loop is unrolled by two with two A register sets, each handed to the wait that retires its
   wgmma as a dependency.
-* Persistent: one CTA per SM walks its tiles; the producer runs on into the next tile while the
-  consumers store the last one.
+* Persistent: one CTA per SM walks its work units; the producer runs on into the next unit while
+  the consumers store the last one.
+* Split K (``plan``): up to M = 256 one token tile covers all rows, so there are only N / 128
+  tiles; each is split along K into units that run on different SMs. Their fp32 partials meet in
+  the kernel (``_store_split``): the tile's last CTA to finish sums them in split order, so no
+  second launch, and the same result whichever CTA came last.
 * Scales and zero points: one per row per K-tile when the K-tile divides the group (a row
   vector, loaded a tile ahead), else one per pair.
 
@@ -54,6 +58,7 @@ results are checked against the reference on the GPU (tests/test_triton_kernels.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,6 +70,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # Names that moved between triton 3.6 (the device image) and 3.9 (CI); the old names raise in 3.9.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 # $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale, twice.
 _DEQ_F16 = gl.constexpr("""{
@@ -86,8 +92,10 @@ mul.rn.bf16x2 r, r, $5;
 mov.b32 {$0, $1}, r;
 }""")
 
-BN, BM, BK = 128, 256, 64  # features x tokens x k per tile; BM = 128 for a split last wave
-STAGES = 4  # 4 x (32 KB of x + 4 KB of words); 5 measured no faster
+BN, BM, BK = 128, 256, 64  # features x tokens x k per tile at large M (see plan for the others)
+SMALL_M = 256  # up to here one token tile of the smallest wgmma width >= M, K split across CTAs
+SPLIT_MAX = 16  # K splits per tile at most
+MAX_TICKETS = 1 << 16  # split tiles per launch
 PRODUCER_REGS = 24
 MAXNREG = 168  # 12 warps (8 + 1, rounded to warpgroups) x 168 fills the register file at launch
 
@@ -118,16 +126,28 @@ def _tile_offsets(t, M, N, n_tile0, BN: gl.constexpr, BM: gl.constexpr, TOKENS_F
 
 
 @gluon.jit
-def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, BN: gl.constexpr,
-              BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
-    c = 0  # ring position, continued across tiles
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+def _unit(u, split, k_per_split, num_k):
+    """Work unit u: K-tiles [k0, k1) of tile t (split sp of it); a tile's splits are consecutive
+    units, so the CTAs sharing a tile run in the same wave."""
+    t = u // split
+    sp = u % split
+    k0 = sp * k_per_split
+    k1 = gl.minimum(k0 + k_per_split, num_k)
+    return t, sp, k0, k1
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, split, k_per_split,
+              BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
+    c = 0  # ring position, continued across units
+    for u in range(gl.program_id(0), num_tiles * split, gl.num_programs(0)):
+        t, sp, k0, k1 = _unit(u, split, k_per_split, num_k)
         off_m, off_n = _tile_offsets(t, M, N, n_tile0, BN, BM, TOKENS_FAST)
-        for i in range(num_k):
+        for i in range(k0, k1):
             s = c % STAGES
             mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            # Past K (and N) TMA fills zeros, so an even number of K-tiles costs nothing extra.
+            # Past K (and N, M) TMA fills zeros, so an even number of K-tiles costs nothing extra.
             _tma_load(x_desc, [off_m, i * BK], ready.index(s), x_smem.index(s))
             _tma_load(w_desc, [i * (BK // 8), off_n], ready.index(s), w_smem.index(s))
             c += 1
@@ -190,9 +210,42 @@ def _a_operand(x_desc, w_smem, ready, c, sel, zz, ss, BN: gl.constexpr, BK: gl.c
 
 
 @gluon.jit
-def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
-              num_tiles, n_tile0, num_k, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr,
-              BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
+def _store_out(acc, out_ptr, off_m, off_n, M, N, stride_om, BN: gl.constexpr, BM: gl.constexpr, OUT: gl.constexpr):
+    o = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), OUT)
+    n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
+    m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
+    gl.store(out_ptr + m[None, :] * stride_om + n[:, None], o, mask=(n < N)[:, None] & (m < M)[None, :])
+
+
+@gluon.jit
+def _store_split(acc, ws_ptr, cnt_ptr, out_ptr, t, sp, split, off_m, off_n, M, N, stride_om, BN: gl.constexpr,
+                 BM: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr):
+    """Split-K epilogue without a second launch: each split stores its fp32 partial in the
+    accumulator's own layout (no shuffle) and takes a ticket; the tile's last arrival sums the
+    partials in split order (so the result does not depend on who came last), stores the tile
+    and resets the ticket for the next call. CUTLASS's semaphore pattern: a CTA barrier orders
+    every thread's stores before thread 0's release (the atomic), and the atomic's result
+    reaches the other threads through a barrier after thread 0's acquire."""
+    r = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    k = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+    offs = r[:, None] * BM + k[None, :]
+    tile_ws = ws_ptr + t * split * (BN * BM)
+    gl.store(tile_ws + sp * (BN * BM) + offs, acc)
+    _barrier()
+    ticket = gl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
+    if ticket == split - 1:
+        tot = gl.zeros([BN, BM], gl.float32, MMA)
+        for s in range(split):  # .cg: from L2, where the other CTAs' partials are, not this SM's L1
+            tot += gl.load(tile_ws + s * (BN * BM) + offs, cache_modifier=".cg")
+        gl.store(cnt_ptr + t, 0)
+        _store_out(tot, out_ptr, off_m, off_n, M, N, stride_om, BN, BM, OUT)
+
+
+@gluon.jit
+def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, ready, empty, M, N, G,
+              stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr,
+              BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr,
+              SPLIT_K: gl.constexpr):
     DTYPE: gl.constexpr = x_desc.dtype
     MMA: gl.constexpr = _mma_layout(BM, gl.num_warps())
     DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -209,41 +262,43 @@ def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empt
     sel3 = gl.expand_dims(gl.expand_dims(c4, 0), 1) + gl.zeros([BN, BK // 8, 4], gl.int32, L3)
     sel = gl.convert_layout(gl.reshape(sel3, [BN, BK // 2]), PAIR)
 
-    c = 0  # ring position, continued across tiles (the producer counts the same way)
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    c = 0  # ring position, continued across units (the producer counts the same way)
+    for u in range(gl.program_id(0), num_tiles * split, gl.num_programs(0)):
+        t, sp, k0, k1 = _unit(u, split, k_per_split, num_k)
         off_m, off_n = _tile_offsets(t, M, N, n_tile0, BN, BM, TOKENS_FAST)
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         a1 = gl.zeros([BN, BK], DTYPE, DOT)
-        zz, ss = _scales_zeros(s_ptr, z_ptr, 0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
-        for i in range(0, num_k, 2):
+        zz, ss = _scales_zeros(s_ptr, z_ptr, k0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+        for i in range(k0, k1, 2):
             # Two K-tiles per trip, A register sets a0 and a1: each is a dependency of the wait that
             # retires its wgmma, so the next tile's A cannot land in registers a wgmma still reads.
-            a0 = _a_operand(x_desc, w_smem, ready, c + i, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
+            j = c + i - k0  # ring position of K-tile i
+            a0 = _a_operand(x_desc, w_smem, ready, j, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
             zz, ss = _scales_zeros(s_ptr, z_ptr, i + 1, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
-            acc = warpgroup_mma(a0, x_smem.index((c + i) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a0, x_smem.index(j % STAGES).permute((1, 0)), acc, is_async=True)
             acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))  # retires K-tile i - 1
-            mbarrier.arrive(empty.index((c + i + STAGES - 1) % STAGES), pred=i > 0)
+            mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=i > k0)
 
-            a1 = _a_operand(x_desc, w_smem, ready, c + i + 1, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
+            a1 = _a_operand(x_desc, w_smem, ready, j + 1, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
             zz, ss = _scales_zeros(s_ptr, z_ptr, i + 2, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
-            acc = warpgroup_mma(a1, x_smem.index((c + i + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, x_smem.index((j + 1) % STAGES).permute((1, 0)), acc, is_async=True)
             acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))  # retires K-tile i
-            mbarrier.arrive(empty.index((c + i) % STAGES))
+            mbarrier.arrive(empty.index(j % STAGES))
         acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
-        mbarrier.arrive(empty.index((c + num_k - 1) % STAGES))
-        c += num_k
+        c += k1 - k0
+        mbarrier.arrive(empty.index((c - 1) % STAGES))
 
-        o = gl.convert_layout(acc.to(DTYPE), OUT)
-        n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
-        m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
-        gl.store(out_ptr + m[None, :] * stride_om + n[:, None], o, mask=(n < N)[:, None] & (m < M)[None, :])
+        if SPLIT_K:
+            _store_split(acc, ws_ptr, cnt_ptr, out_ptr, t, sp, split, off_m, off_n, M, N, stride_om, BN, BM, MMA, OUT)
+        else:
+            _store_out(acc, out_ptr, off_m, off_n, M, N, stride_om, BN, BM, OUT)
 
 
 @gluon.jit
-def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, G, stride_om, num_tiles, n_tile0, num_k,
-                           GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-                           BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr):
+def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, G, stride_om, num_tiles,
+                           n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                           BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                           TOKENS_FAST: gl.constexpr, SPLIT_K: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BK // 8, BN], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -252,10 +307,11 @@ def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, G, strid
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
-        (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, x_smem, w_smem, ready, empty, M, N, G, stride_om,
-                     num_tiles, n_tile0, num_k, GROUP, HAS_ZEROS, BN, BM, BK, STAGES, TOKENS_FAST)),
-        (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, BN, BM, BK,
-                     STAGES, TOKENS_FAST)),
+        (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, ready, empty, M, N, G,
+                     stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP, HAS_ZEROS, BN, BM, BK, STAGES,
+                     TOKENS_FAST, SPLIT_K)),
+        (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, split,
+                     k_per_split, BN, BM, BK, STAGES, TOKENS_FAST)),
     ], [1], [PRODUCER_REGS])
 
 
@@ -287,17 +343,59 @@ def pointers_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
 
 
-def plan(M: int, N: int, sms: int) -> list[tuple[int, int, int]]:
-    """Launches as (token tile, first feature tile, feature tiles). One persistent launch of
-    256-token tiles, except where its last wave would run under half full: those feature tiles
-    then run as a second launch of 128-token tiles (twice the CTAs, half the work each)."""
-    num_m, num_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    tokens_fast = _tokens_fast(M, N)
+class Launch(NamedTuple):
+    """One kernel launch: token tile, its feature tiles [n_tile0, n_tile0 + n_tiles), and K split
+    into ``split`` runs of ``k_per_split`` K-tiles (even: the K loop does two a trip)."""
+    bm: int
+    n_tile0: int
+    n_tiles: int
+    split: int = 1
+    k_per_split: int = 0
+
+
+def _k_split(num_k: int, split: int) -> tuple[int, int]:
+    """(split, K-tiles per split) with an even number of K-tiles per split and none empty."""
+    kps = 2 * triton.cdiv(num_k, 2 * max(1, split))
+    return triton.cdiv(num_k, kps), kps
+
+
+def small_m_split(M: int, N: int, num_k: int, sms: int, bm: int) -> int:
+    """Splits of K for ``bm``-token tiles (one tile of tokens up to M = 256). Each CTA walks ceil(units / SMs) units; a unit streams
+    its K-tiles (words and x) and, when split, writes an fp32 partial that the tile's last CTA reads
+    back: at 64 tokens a partial weighs as much as 16 K-tiles of words, at 8 tokens 2. The split
+    with the fewest bytes per CTA wins (ties: fewer splits)."""
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, BN)
+    k_tile_bytes = BK // 8 * BN * 4 + bm * BK * 2
+    partial_bytes = 2 * BN * bm * 4
+    best, best_cost = 1, float("inf")
+    for split in range(1, min(SPLIT_MAX, num_k // 2) + 1):
+        split, kps = _k_split(num_k, split)
+        cost = triton.cdiv(tiles * split, sms) * (kps * k_tile_bytes + partial_bytes * (split > 1))
+        if cost < best_cost:
+            best, best_cost = split, cost
+    return best
+
+
+def plan(M: int, N: int, num_k: int, sms: int, split: int | None = None, block_m: int | None = None) -> list[Launch]:
+    """The launches of one call.
+
+    M <= SMALL_M: one token tile, the smallest wgmma width >= M (8 to 256), K split so that the
+    feature tiles x splits keep the SMs busy (``small_m_split``); the partial sums meet in the
+    kernel. ``split``/``block_m`` force those (tests, tuning).
+    Larger M: one persistent launch of 256-token tiles, except where its last wave would run under
+    half full: those feature tiles then run as a second launch of 128-token tiles (twice the CTAs,
+    half the work each). Splitting those tiles' K in two instead measured slower (notes item 29)."""
+    num_n = triton.cdiv(N, BN)
+    if M <= SMALL_M or split is not None or (block_m or BM) < BM:
+        bm = block_m or min(BM, max(8, triton.next_power_of_2(M)))
+        s, kps = _k_split(num_k, split if split is not None else small_m_split(M, N, num_k, sms, bm))
+        return [Launch(bm, 0, num_n, s, kps)]
+    num_m = triton.cdiv(M, BM)
     waves, rest = divmod(num_m * num_n, sms)
     n_split = waves * sms // num_m
-    if tokens_fast and waves and 0 < 2 * rest <= sms and 0 < n_split < num_n:
-        return [(BM, 0, n_split), (128, n_split, num_n - n_split)]
-    return [(BM, 0, num_n)]
+    if _tokens_fast(M, N) and waves and 0 < 2 * rest <= sms and 0 < n_split < num_n:
+        return [Launch(BM, 0, n_split), Launch(128, n_split, num_n - n_split)]
+    return [Launch(BM, 0, num_n)]
 
 
 def _tokens_fast(M: int, N: int) -> bool:
@@ -305,21 +403,49 @@ def _tokens_fast(M: int, N: int) -> bool:
     return 4 * M <= N
 
 
-def w4a16_gemm_sm90(x, qweight, scales, zeros, in_features, group_size, out):
+def _stages(bm: int) -> int:
+    """Ring depth: 4 at 256 tokens (5 measured no faster), up to 8 where stages are small."""
+    return max(2, min(8, (160 * 1024) // (bm * BK * 2 + BK // 8 * BN * 4)))
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor | None:
+    """The split-K tickets of a device: zeroed once, reset by the kernel itself after each tile.
+    None while a CUDA graph is being captured and they do not exist yet (a zero fill would be
+    captured rather than run; the call then runs without a split). Calls on two streams of one
+    device at once would share them: int4ops launches on the caller's stream, one call at a time."""
+    t = _TICKETS.get(device)
+    if t is None and not torch.cuda.is_current_stream_capturing():
+        t = _TICKETS[device] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return t
+
+
+def w4a16_gemm_sm90(x, qweight, scales, zeros, in_features, group_size, out, block_m=None, split_k=None,
+                    stages=None):
     """``out = x @ dequant(W).T`` (x [M, K] fp16/bf16 contiguous, checked by the caller with
-    ``capable``/``shape_ok``/``pointers_ok``); ``group_size`` is the effective one (K_pad for -1)."""
+    ``capable``/``shape_ok``/``pointers_ok``); ``group_size`` is the effective one (K_pad for -1).
+    ``block_m``, ``split_k``: see ``plan``; ``stages``: the TMA ring's depth (None: chosen from the shape)."""
     M, N = x.shape[0], qweight.shape[1]
     k_tiles = triton.cdiv(qweight.shape[0] * 8, BK)
     num_k = k_tiles + (k_tiles & 1)  # the K loop does two tiles a trip; TMA zero-fills the extra one
     sms = _sm_count(x.device)
     w_desc = TensorDescriptor.from_tensor(qweight, [BK // 8, BN], gl.NVMMASharedLayout(0, 32, 2))
     zeros_arg = zeros if zeros is not None else scales
-    for bm, n_tile0, n_tiles in plan(M, N, sms):
+    for launch in plan(M, N, num_k, sms, split_k, block_m):
+        bm, tiles = launch.bm, triton.cdiv(M, launch.bm) * launch.n_tiles
+        split, kps, ws, tickets = launch.split, launch.k_per_split or num_k, out, out
+        if split > 1:
+            tickets = _tickets(x.device)
+            if tickets is None or tiles > MAX_TICKETS:
+                split, kps, tickets = 1, num_k, out
+            else:
+                ws = torch.empty(tiles * split * BN * bm, dtype=torch.float32, device=x.device)
         x_layout = gl.NVMMASharedLayout.get_default_for([bm, BK], _GL_DTYPES[x.dtype])
         x_desc = TensorDescriptor.from_tensor(x, [bm, BK], x_layout)
-        tiles = triton.cdiv(M, bm) * n_tiles
-        w4a16_gemm_sm90_kernel[(min(sms, tiles), )](
-            x_desc, w_desc, scales, zeros_arg, out, M, N, scales.shape[0], out.stride(0), tiles, n_tile0, num_k,
-            group_size, zeros is not None, BN, bm, BK, STAGES, _tokens_fast(M, N), PRODUCER_REGS,
-            num_warps=8, maxnreg=MAXNREG)
+        w4a16_gemm_sm90_kernel[(min(sms, tiles * split), )](
+            x_desc, w_desc, scales, zeros_arg, out, ws, tickets, M, N, scales.shape[0], out.stride(0), tiles,
+            launch.n_tile0, num_k, split, kps, group_size, zeros is not None, BN, bm, BK, stages or _stages(bm),
+            _tokens_fast(M, N), split > 1, PRODUCER_REGS, num_warps=8, maxnreg=MAXNREG)
     return out

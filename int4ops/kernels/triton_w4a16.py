@@ -4,7 +4,7 @@ Four paths (each kernel next to its launcher):
 
     gemv       triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
     gemm       triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
-    gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       large M on sm_90: fused, warp-specialised wgmma (Gluon)
+    gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       M > 64 on sm_90: fused, warp-specialised wgmma (Gluon)
     dequant    triton_gemm.py  w4a16_dequant_matmul  large M elsewhere: dequantize to a dense buffer + cuBLAS
 
 ``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
@@ -15,7 +15,7 @@ Four paths (each kernel next to its launcher):
    GPU never stalls on autotuning: the first call of a new config costs only Triton's JIT
    compile (see notes/triton_kernels.md), later calls a dict lookup.
 
-``gemm_sm90`` takes over from ``dequant`` where it was measured faster (``sm90_default``); it
+``gemm_sm90`` takes over from ``gemm``/``dequant`` where it was measured faster (``sm90_default``); it
 runs on sm_90 GPUs only (not in the interpreter) and where a call's shape and pointers suit TMA,
 else ``dequant`` runs. ``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path
 (with its heuristic config): a debugging and testing knob.
@@ -157,16 +157,22 @@ def default_kernel(M: int) -> str:
 
 
 def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
-    """Whether ``gemm_sm90`` replaces ``dequant`` on an sm_90 GPU. Measured on an H100, fp16/bf16,
-    group 128, the two timed in alternation (bench/results/kernels_h100_2026-11-22_sm90_run*.json):
-    it wins once its 128 x 256 tiles fill ~0.7 of a wave: from M = 512 on 6144x4096 and the
-    28672-feature layers (0.74-0.80x of cuBLAS against 0.59-0.66x), at M = 1024 on all five layers
-    (0.76-0.92x against 0.74-0.79x; 6144x4096 about ties). From M = 2048 the dense GEMM's
-    efficiency pays for the dequantize (there it lost on three of five layers by 2-5%)."""
+    """Whether ``gemm_sm90`` replaces the fused Triton GEMM / dequantize + cuBLAS on an sm_90 GPU.
+    Measured on an H100, fp16/bf16, group 128, timed in alternation with the path it replaces:
+
+    * M = 65-256 (one token tile, K split across CTAs): ahead on the 8B/70B layers larger than
+      4096x4096 (e.g. 28672x4096 at M = 128: 83 against 111 us; 4096x14336 at M = 256: 65 against
+      114 us); on 4096x4096 the Triton paths keep a 3-9% lead. At M <= 64 the Triton GEMV/GEMM
+      stay ahead (its K loop waits ~600 cycles a K-tile on the scale loads, notes item 29).
+    * M = 257-2047 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
+      the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x).
+      From M = 2048 the dense GEMM's efficiency pays for the dequantize (there it lost on three of
+      five layers by 2-5%).
+    (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_splitk_lab_h100_2026-11-23.json)"""
     if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype) or M >= 2048:
         return False
-    if M <= 128:  # the fused split-K GEMM's range (default_kernel), tuned per shape
-        return False
+    if M <= gluon_sm90.SMALL_M:
+        return M > 64 and N * K > 4096 * 4096
     tiles = math.ceil(M / gluon_sm90.BM) * math.ceil(N / gluon_sm90.BN)
     return tiles >= 0.7 * sms
 
