@@ -382,8 +382,9 @@ def _sm90_sass_counts(dtype, group_size, bm, split_k):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1],
-                        str(group_size), str(bm), str(int(split_k))], capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1], str(group_size),
+           str(bm), str(int(split_k))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode == 3:
         pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {r.stderr.strip()[-300:]}")
     assert r.returncode == 0, f"compiling gemm_sm90 for sm_90 failed:\n{r.stderr[-3000:]}"

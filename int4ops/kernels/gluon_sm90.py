@@ -360,10 +360,10 @@ def _k_split(num_k: int, split: int) -> tuple[int, int]:
 
 
 def small_m_split(M: int, N: int, num_k: int, sms: int, bm: int) -> int:
-    """Splits of K for ``bm``-token tiles (one tile of tokens up to M = 256). Each CTA walks ceil(units / SMs) units; a unit streams
-    its K-tiles (words and x) and, when split, writes an fp32 partial that the tile's last CTA reads
-    back: at 64 tokens a partial weighs as much as 16 K-tiles of words, at 8 tokens 2. The split
-    with the fewest bytes per CTA wins (ties: fewer splits)."""
+    """Splits of K for ``bm``-token tiles (one tile of tokens up to M = 256). Each CTA walks
+    ceil(units / SMs) units; a unit streams its K-tiles (words and x) and, when split, writes an
+    fp32 partial that the tile's last CTA reads back: at 64 tokens a partial weighs as much as 16
+    K-tiles of words, at 8 tokens 2. The split with the fewest bytes per CTA wins (ties: fewer)."""
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, BN)
     k_tile_bytes = BK // 8 * BN * 4 + bm * BK * 2
     partial_bytes = 2 * BN * bm * 4

@@ -161,9 +161,9 @@ def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
     Measured on an H100, fp16/bf16, group 128, timed in alternation with the path it replaces:
 
     * M = 65-256 (one token tile, K split across CTAs): ahead on the 8B/70B layers larger than
-      4096x4096 (e.g. 28672x4096 at M = 128: 83 against 111 us; 4096x14336 at M = 256: 65 against
-      114 us); on 4096x4096 the Triton paths keep a 3-9% lead. At M <= 64 the Triton GEMV/GEMM
-      stay ahead (its K loop waits ~600 cycles a K-tile on the scale loads, notes item 29).
+      4096x4096 (e.g. 28672x4096 at M = 128: 76 against 110 us; 4096x14336 at M = 256: 65 against
+      115 us); on 4096x4096 the Triton paths stay up to 9% ahead. At M <= 64 the Triton GEMV/GEMM
+      stay ahead (there its K loop is bound by the scale loads' latency, notes item 29).
     * M = 257-2047 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
       the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x).
       From M = 2048 the dense GEMM's efficiency pays for the dequantize (there it lost on three of
