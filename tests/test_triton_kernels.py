@@ -330,10 +330,10 @@ def test_sm90_plan_splits_a_half_empty_last_wave():
     plan, L = tw.gluon_sm90.plan, tw.gluon_sm90.Launch
     # 48 feature tiles x 4 token tiles on 132 SMs: 60 tiles would make a second wave 45% full,
     # so the last 15 feature tiles run as 120 tiles of 128 tokens.
-    assert plan(1024, 6144, 64, 132) == [L(256, 0, 33), L(128, 33, 15)]
-    assert plan(1024, 4096, 64, 132) == [L(256, 0, 32)]  # one wave
-    assert plan(1024, 28672, 64, 132) == [L(256, 0, 224)]  # 6.8 waves: the last is 79% full
-    assert plan(4096, 6144, 64, 132) == [L(256, 0, 48)]  # x is the larger operand: features walk first
+    assert plan(1024, 6144, 64, 132) == (L(256, 0, 33), L(128, 33, 15))
+    assert plan(1024, 4096, 64, 132) == (L(256, 0, 32),)  # one wave
+    assert plan(1024, 28672, 64, 132) == (L(256, 0, 224),)  # 6.8 waves: the last is 79% full
+    assert plan(4096, 6144, 64, 132) == (L(256, 0, 48),)  # x is the larger operand: features walk first
     for M, N in ((1000, 6144), (300, 1000), (3000, 28672), (1024, 6144)):
         launches = plan(M, N, 64, 132)
         assert launches[0].n_tile0 == 0 and sum(la.n_tiles for la in launches) == math.ceil(N / 128)

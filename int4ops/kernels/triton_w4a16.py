@@ -134,7 +134,7 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
     if kernel == "dequant":
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
     if kernel == "gemm_sm90":
-        return dict(kernel="gemm_sm90")  # fixed tiles (gluon_sm90.BN/BM/BK, STAGES)
+        return dict(kernel="gemm_sm90")  # tiles, K split and ring depth: gluon_sm90.plan and _stages
     # Fused GEMM (H100 tuning, 2026-11-22, PTX unpacking): the activation rows are the MMA's N,
     # so the row tile only needs to cover M; 64-feature tiles at M <= 16 (more programs), 128
     # above; K split until ~3 programs per SM, and so that no program walks more than 16 K-tiles.
