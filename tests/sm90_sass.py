@@ -1,6 +1,6 @@
 """Compile int4ops' gemm_sm90 kernel for sm_90 without a GPU and print its SASS statistics as JSON.
 
-    python tests/sm90_sass.py float16|bfloat16 GROUP_SIZE BM [SPLIT_K]
+    python tests/sm90_sass.py float16|bfloat16 GROUP_SIZE BM [SPLIT_K [SCALES_TMA]]
 
 Run by tests/test_triton_kernels.py in a child process: the Triton interpreter, which the CPU suite
 runs in-process, patches the language and leaves Gluon's compiler unable to build layouts there.
@@ -15,7 +15,8 @@ import tempfile
 import torch
 
 
-def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = False) -> tuple[str, int]:
+def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = False,
+                 scales_tma: bool = True) -> tuple[str, int]:
     """(SASS, shared-memory bytes) of gemm_sm90's kernel compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -30,12 +31,20 @@ def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = F
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, m.BK],
                               gl.NVMMASharedLayout.get_default_for([bm, m.BK], gdt))
     w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
+    s_desc = z_desc = w_desc
+    if scales_tma:
+        rows = max(1, m.BK // group_size)
+        sc = torch.empty(4096 // group_size, 4096, dtype=dtype)
+        zp = torch.empty(4096 // group_size, 4096, dtype=torch.uint8)
+        s_desc = TensorDescriptor(sc, list(sc.shape), list(sc.stride()), [rows, m.BN], gl.NVMMASharedLayout(0, 16, 2))
+        z_desc = TensorDescriptor(zp, list(zp.shape), list(zp.stride()), [rows, m.BN], gl.NVMMASharedLayout(0, 8, 2))
     ptr = "*fp16" if dtype == torch.float16 else "*bf16"
-    sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
+    sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_desc": s_desc.__mangle__(),
+           "z_desc": z_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,
            "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            **{a: "i32" for a in ("M", "N", "G", "stride_om", "num_tiles", "n_tile0", "num_k", "split", "k_per_split")}}
-    consts = dict(GROUP=group_size, HAS_ZEROS=True, BN=m.BN, BM=bm, BK=m.BK, STAGES=m._stages(bm), TOKENS_FAST=True,
-                  SPLIT_K=split_k, PRODUCER_REGS=m.PRODUCER_REGS)
+    consts = dict(GROUP=group_size, HAS_ZEROS=True, SCALES_TMA=scales_tma, BN=m.BN, BM=bm, BK=m.BK,
+                  STAGES=m._stages(bm), TOKENS_FAST=True, SPLIT_K=split_k, PRODUCER_REGS=m.PRODUCER_REGS)
     sig.update({a: "constexpr" for a in consts})
     fn = m.w4a16_gemm_sm90_kernel
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, {})
@@ -51,7 +60,7 @@ def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = F
 if __name__ == "__main__":
     try:
         sass, shared = compile_sm90(getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                                   len(sys.argv) > 4 and sys.argv[4] == "1")
+                                   len(sys.argv) > 4 and sys.argv[4] == "1", len(sys.argv) <= 5 or sys.argv[5] == "1")
     except (ImportError, AttributeError, FileNotFoundError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(3)

@@ -344,7 +344,9 @@ def test_sm90_plan_splits_a_half_empty_last_wave():
     (1, 4096, 64, 8, 4),  # 32 tiles x 4 splits: 128 units, one wave
     (64, 4096, 64, 64, 4),
     (64, 6144, 64, 64, 2),  # 48 x 2: one wave; x 4 would take two, each unit still a quarter
+    (1, 6144, 64, 8, 2),  # x 8 would stream fewer bytes per CTA but pay three units' fixed cost
     (128, 28672, 64, 128, 1),  # 224 tiles already fill 1.7 waves; a 128-token partial is costly
+    (16, 28672, 128, 16, 1),  # 28672x8192: 1.7 waves; 4 splits measured 14% slower
     (256, 4096, 224, 256, 4),  # 4096x14336
     (100, 4100, 16, 128, 4),  # odd N, short K
     (3, 256, 2, 8, 1),  # one K-tile pair: nothing to split
@@ -374,7 +376,7 @@ def test_sm90_refuses_clearly_where_it_cannot_run(weight):
     assert tw.choose_config(x.device, 2048, 33, 100, 32, None, torch.float16)["kernel"] != "gemm_sm90"
 
 
-def _sm90_sass_counts(dtype, group_size, bm, split_k):
+def _sm90_sass_counts(dtype, group_size, bm, split_k, scales_tma):
     """tests/sm90_sass.py in a child process without the interpreter: {instruction: count, "shared": bytes}."""
     import subprocess
     import sys
@@ -383,7 +385,7 @@ def _sm90_sass_counts(dtype, group_size, bm, split_k):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1], str(group_size),
-           str(bm), str(int(split_k))]
+           str(bm), str(int(split_k)), str(int(scales_tma))]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode == 3:
         pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {r.stderr.strip()[-300:]}")
@@ -391,9 +393,10 @@ def _sm90_sass_counts(dtype, group_size, bm, split_k):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype,group_size,bm,split_k", (
-    (torch.float16, 128, 256, False), (torch.bfloat16, 32, 128, False), (torch.float16, 64, 128, True)))
-def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k):
+@pytest.mark.parametrize("dtype,group_size,bm,split_k,scales_tma", (
+    (torch.float16, 128, 256, False, True), (torch.bfloat16, 32, 128, False, True),
+    (torch.float16, 64, 128, True, False), (torch.float16, 128, 8, True, True)))
+def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k, scales_tma):
     """Compiled for sm_90 (here, without a GPU), the K loop keeps one wgmma in flight: ptxas
     waits for all of them (WARPGROUP.DEPBAR.LE gsb0, 0x0) only at the loop's two retiring waits
     and the tile's end. Shared-memory stores of the A tile, a second consumer partition or too
@@ -401,7 +404,7 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k):
     and would pass every correctness test. Also: 4 ops per fp16 pair (PRMT, LOP3, HFMA2, HMUL2)."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
-    counts = _sm90_sass_counts(dtype, group_size, bm, split_k)
+    counts = _sm90_sass_counts(dtype, group_size, bm, split_k, scales_tma)
     hgmma, waits = counts["HGMMA."], counts["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
     assert hgmma == 8, f"{hgmma} HGMMA: expected 4 per K-tile, two K-tiles per trip"
     assert waits <= 3, f"{waits} full wgmma waits for {hgmma} wgmmas: ptxas serialised them"
@@ -422,21 +425,25 @@ needs_sm90 = pytest.mark.skipif(not SM90, reason="gemm_sm90 needs an sm_90 GPU a
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("scales_tma", (None, False), ids=("tma_where_possible", "plain_loads"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K,group_size,sym", (
-    (77, 1000, 4096, 32, False),  # one partial token tile
-    (333, 4100, 1000, -1, True),  # per channel, K padded to 1024, partial feature tile
-    (1000, 6144, 4096, 128, False),  # the split last wave (128-token tiles), partial token tile
-    (1024, 6144, 4096, 64, True),  # the split, groups of one K-tile
-    (513, 384, 2048, 256, True),  # groups of four K-tiles
-    (256, 256, 192, 64, False),  # three K-tiles: the loop's extra zero-filled one
-    (4096, 4096, 4096, 128, False),  # features walk first (x larger than W)
-    (2048, 28672, 4096, 128, False),  # several tiles per CTA (persistent)
+@pytest.mark.parametrize("M,N,K,group_size,sym,scale_dtype", (
+    (77, 1000, 4096, 32, False, None),  # one partial token tile; N % 16 != 0: scales and zeros by plain loads
+    (77, 1024, 4096, 32, False, None),  # groups of half a K-tile: two scale rows per ring slot
+    (333, 4100, 1000, -1, True, None),  # per channel, K padded to 1024, partial feature tile, N % 8 != 0
+    (333, 4096, 1000, -1, False, torch.float32),  # per channel, fp32 scales by TMA
+    (1000, 6144, 4096, 128, False, None),  # the split last wave (128-token tiles), partial token tile
+    (1024, 6144, 4096, 64, True, None),  # the split, groups of one K-tile
+    (513, 384, 2048, 256, True, torch.float32),  # groups of four K-tiles
+    (256, 256, 192, 64, False, None),  # three K-tiles: the loop's extra zero-filled one
+    (4096, 4096, 4096, 128, False, None),  # features walk first (x larger than W)
+    (2048, 28672, 4096, 128, False, None),  # several tiles per CTA (persistent)
 ))
-def test_gpu_sm90_matches_reference(M, N, K, group_size, sym, dtype):
-    x, w, ref, seed = make_problem(M, N, K, group_size, sym, dtype, device="cuda")
-    out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((M, N), dtype, "cuda"))
-    check(out, ref, dtype, f"gemm_sm90 M={M} N={N} K={K} g={group_size} sym={sym} seed={seed}")
+def test_gpu_sm90_matches_reference(M, N, K, group_size, sym, scale_dtype, dtype, scales_tma):
+    x, w, ref, seed = make_problem(M, N, K, group_size, sym, dtype, scale_dtype=scale_dtype, device="cuda")
+    out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((M, N), dtype, "cuda"), scales_tma=scales_tma)
+    check(out, ref, dtype, f"gemm_sm90 M={M} N={N} K={K} g={group_size} sym={sym} scales {scale_dtype} "
+                           f"tma={scales_tma} seed={seed}")
 
 
 @pytest.mark.gpu

@@ -45,11 +45,15 @@ Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-
   tiles; each is split along K into units that run on different SMs. Their fp32 partials meet in
   the kernel (``_store_split``): the tile's last CTA to finish sums them in split order, so no
   second launch, and the same result whichever CTA came last.
-* Scales and zero points: one per row per K-tile when the K-tile divides the group (a row
-  vector, loaded a tile ahead), else one per pair.
+* Scales and zero points come by TMA in the same ring slot as the words: the K-tile's group row
+  ([1, BN]; two rows at group 32), read back from shared memory. Loaded from global memory
+  instead (a row vector a K-tile ahead), their latency bound the K loop at 8-64 tokens, where the
+  wgmmas are short: 1.1-1.8x slower (notes item 30). That path remains for scale or zero-point
+  rows TMA cannot address (row strides not a multiple of 16 bytes: N % 8 for 16-bit scales,
+  N % 16 for the zero bytes).
 
-Requirements (``capable``, ``shape_ok``, ``pointers_ok``; triton_w4a16 falls back to dequantize +
-cuBLAS otherwise): an sm_90 GPU, fp16/bf16 x, K % 8 == 0 and N % 4 == 0 (TMA strides are 16-byte
+Requirements (``capable``, ``shape_ok``, ``pointers_ok``; triton_w4a16 falls back to the plain-Triton
+choice otherwise): an sm_90 GPU, fp16/bf16 x, K % 8 == 0 and N % 4 == 0 (TMA strides are 16-byte
 multiples), 16-byte aligned x and qweight. Gluon kernels do not run under TRITON_INTERPRET: the CPU
 suite checks the launch plan and that the kernel compiles for sm_90 without serialised wgmmas; its
 results are checked against the reference on the GPU (tests/test_triton_kernels.py, marked gpu).
@@ -95,6 +99,7 @@ mov.b32 {$0, $1}, r;
 BN, BM, BK = 128, 256, 64  # features x tokens x k per tile at large M (see plan for the others)
 SMALL_M = 256  # up to here one token tile of the smallest wgmma width >= M, K split across CTAs
 SPLIT_MAX = 16  # K splits per tile at most
+UNIT_BYTES = 64 * 1024  # a work unit's fixed cost, in bytes streamed (small_m_split)
 MAX_TICKETS = 1 << 16  # split tiles per launch
 PRODUCER_REGS = 24
 MAXNREG = 168  # 12 warps (8 + 1, rounded to warpgroups) x 168 fills the register file at launch
@@ -136,9 +141,20 @@ def _unit(u, split, k_per_split, num_k):
     return t, sp, k0, k1
 
 
+@gluon.constexpr_function
+def _stage_bytes(x_desc, w_desc, s_desc, z_desc, scales_tma, has_zeros):
+    """Bytes TMA brings into one ring slot (the ready barrier's expected count)."""
+    n = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    if scales_tma:
+        n += s_desc.block_type.nbytes + (z_desc.block_type.nbytes if has_zeros else 0)
+    return n
+
+
 @gluon.jit
-def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, split, k_per_split,
+def _producer(x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready, empty, M, N, num_tiles, n_tile0,
+              num_k, split, k_per_split, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, SCALES_TMA: gl.constexpr,
               BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr):
+    nbytes: gl.constexpr = _stage_bytes(x_desc, w_desc, s_desc, z_desc, SCALES_TMA, HAS_ZEROS)
     c = 0  # ring position, continued across units
     for u in range(gl.program_id(0), num_tiles * split, gl.num_programs(0)):
         t, sp, k0, k1 = _unit(u, split, k_per_split, num_k)
@@ -146,55 +162,102 @@ def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_t
         for i in range(k0, k1):
             s = c % STAGES
             mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-            mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(s), nbytes)
             # Past K (and N, M) TMA fills zeros, so an even number of K-tiles costs nothing extra.
             _tma_load(x_desc, [off_m, i * BK], ready.index(s), x_smem.index(s))
             _tma_load(w_desc, [i * (BK // 8), off_n], ready.index(s), w_smem.index(s))
+            if SCALES_TMA:  # the K-tile's rows of scales (and zero points) ride in the same stage
+                _tma_load(s_desc, [(i * BK) // GROUP, off_n], ready.index(s), s_smem.index(s))
+                if HAS_ZEROS:
+                    _tma_load(z_desc, [(i * BK) // GROUP, off_n], ready.index(s), z_smem.index(s))
             c += 1
 
 
 @gluon.jit
-def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BK: gl.constexpr,
-                  BN: gl.constexpr, DTYPE: gl.constexpr, PAIR: gl.constexpr):
-    """K-tile i's zero term and scale as 2 x 16 bits in an int32 each, for the pair asm."""
-    n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, PAIR))
-    nmask = n < N
-    if GROUP % BK == 0:  # one group per tile: a row vector
-        g = (i * BK) // GROUP
-        sm = nmask & (g < G)
-        s = gl.load(s_ptr + g * N + n, mask=sm, other=0.0).to(DTYPE)
-        if HAS_ZEROS:
-            z = gl.load(z_ptr + g * N + n, mask=sm, other=0).to(gl.int32)
-        else:
-            z = gl.full([BN], 8, gl.int32, gl.SliceLayout(1, PAIR))
-    else:  # several groups per tile: one value per pair
-        p = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR))
-        g = (i * BK + 2 * p) // GROUP
-        off = g[None, :] * N + n[:, None]
-        sm = nmask[:, None] & (g < G)[None, :]
-        s = gl.load(s_ptr + off, mask=sm, other=0.0).to(DTYPE)
-        if HAS_ZEROS:
-            z = gl.load(z_ptr + off, mask=sm, other=0).to(gl.int32)
-        else:
-            z = gl.full([BN, BK // 2], 8, gl.int32, PAIR)
-    sb = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+def _pack_scales_zeros(s, z, DTYPE: gl.constexpr):
+    """A scale and zero point as the pair asm's operands: the scale in x's dtype twice, and the
+    zero term, 2 x 16 bits in an int32 each."""
+    sb = s.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     ss = sb | (sb << 16)
     if DTYPE == gl.float16:
         zz = (0xE400 + z) | ((0xD400 + 16 * z) << 16)  # -(1024 + z), -(64 + z) in fp16
     else:
         zz = (0x4300 + z) | ((0x4300 + z) << 16)  # 128 + z in bf16, twice
-    if GROUP % BK == 0:
-        ss = gl.expand_dims(ss, 1)
-        zz = gl.expand_dims(zz, 1)
     return zz, ss
 
 
 @gluon.jit
-def _a_operand(x_desc, w_smem, ready, c, sel, zz, ss, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-               L3: gl.constexpr, PAIR: gl.constexpr, DOT: gl.constexpr):
-    """Wait for ring slot c, dequantize its words straight into the wgmma A-operand registers."""
+def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BK: gl.constexpr,
+                  BN: gl.constexpr, DTYPE: gl.constexpr, PAIR: gl.constexpr):
+    """K-tile i's zero terms and scales from global memory (where TMA cannot fetch them: row
+    strides not a multiple of 16 bytes): a row vector when one group covers the tile, else one
+    value per pair."""
+    n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, PAIR))
+    nmask = n < N
+    if GROUP % BK == 0:  # one group per tile: a row vector
+        g = (i * BK) // GROUP
+        sm = nmask & (g < G)
+        s = gl.load(s_ptr + g * N + n, mask=sm, other=0.0)
+        if HAS_ZEROS:
+            z = gl.load(z_ptr + g * N + n, mask=sm, other=0).to(gl.int32)
+        else:
+            z = gl.full([BN], 8, gl.int32, gl.SliceLayout(1, PAIR))
+        zz, ss = _pack_scales_zeros(s, z, DTYPE)
+        return gl.expand_dims(zz, 1), gl.expand_dims(ss, 1)
+    else:  # several groups per tile: one value per pair
+        p = gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR))
+        g = (i * BK + 2 * p) // GROUP
+        off = g[None, :] * N + n[:, None]
+        sm = nmask[:, None] & (g < G)[None, :]
+        s = gl.load(s_ptr + off, mask=sm, other=0.0)
+        if HAS_ZEROS:
+            z = gl.load(z_ptr + off, mask=sm, other=0).to(gl.int32)
+        else:
+            z = gl.full([BN, BK // 2], 8, gl.int32, PAIR)
+        return _pack_scales_zeros(s, z, DTYPE)
+
+
+@gluon.jit
+def _scales_zeros_smem(s_smem, z_smem, st, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BK: gl.constexpr,
+                       BN: gl.constexpr, DTYPE: gl.constexpr, PAIR: gl.constexpr):
+    """Ring slot st's zero terms and scales, which TMA brought with the words: SROWS = BK // GROUP
+    rows (group 32) or one. Shared-memory reads, where the global loads' latency (one round trip
+    per K-tile) bound the K loop at 8-64 tokens (notes item 29)."""
+    ROWS: gl.constexpr = gl.SliceLayout(1, PAIR)
+    SROWS: gl.constexpr = s_smem.shape[1]
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # the rows back to back, as TMA wrote them
+    s_rows = _reinterpret(s_smem.index(st), s_smem.dtype, [SROWS * BN], plain)
+    s = s_rows.slice(0, BN).load(ROWS)
+    if HAS_ZEROS:
+        z_rows = _reinterpret(z_smem.index(st), z_smem.dtype, [SROWS * BN], plain)
+        z = z_rows.slice(0, BN).load(ROWS).to(gl.int32)
+    else:
+        z = gl.full([BN], 8, gl.int32, ROWS)
+    zz, ss = _pack_scales_zeros(s, z, DTYPE)
+    zz, ss = gl.expand_dims(zz, 1), gl.expand_dims(ss, 1)
+    if SROWS > 1:  # group 32: pairs p < 16 take row 0, the others row 1
+        s1 = s_rows.slice(BN, BN).load(ROWS)
+        if HAS_ZEROS:
+            z1 = z_rows.slice(BN, BN).load(ROWS).to(gl.int32)
+        else:
+            z1 = gl.full([BN], 8, gl.int32, ROWS)
+        zz1, ss1 = _pack_scales_zeros(s1, z1, DTYPE)
+        second = gl.expand_dims(gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR)) >= GROUP // 2, 0)
+        zz = gl.where(second, gl.expand_dims(zz1, 1), zz)
+        ss = gl.where(second, gl.expand_dims(ss1, 1), ss)
+    return zz, ss
+
+
+@gluon.jit
+def _a_operand(x_desc, w_smem, s_smem, z_smem, ready, c, sel, zz, ss, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr,
+               SCALES_TMA: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, L3: gl.constexpr,
+               PAIR: gl.constexpr, DOT: gl.constexpr):
+    """Wait for ring slot c, dequantize its words straight into the wgmma A-operand registers
+    (with the slot's own scales under SCALES_TMA, else with zz, ss loaded by the caller)."""
     st = c % STAGES
     mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+    if SCALES_TMA:
+        zz, ss = _scales_zeros_smem(s_smem, z_smem, st, GROUP, HAS_ZEROS, BK, BN, x_desc.dtype, PAIR)
     plain = _reinterpret(w_smem.index(st), gl.int32, [BK // 8, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     # Each thread reads the words of its pairs once; the 4 lanes of a quad read the same word.
     words = plain.permute((1, 0)).load(gl.SliceLayout(2, L3))
@@ -242,10 +305,10 @@ def _store_split(acc, ws_ptr, cnt_ptr, out_ptr, t, sp, split, off_m, off_n, M, N
 
 
 @gluon.jit
-def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, ready, empty, M, N, G,
-              stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr,
-              BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr,
-              SPLIT_K: gl.constexpr):
+def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, s_smem, z_smem, ready, empty, M,
+              N, G, stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr,
+              HAS_ZEROS: gl.constexpr, SCALES_TMA: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+              STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr, SPLIT_K: gl.constexpr):
     DTYPE: gl.constexpr = x_desc.dtype
     MMA: gl.constexpr = _mma_layout(BM, gl.num_warps())
     DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -268,19 +331,25 @@ def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_
         off_m, off_n = _tile_offsets(t, M, N, n_tile0, BN, BM, TOKENS_FAST)
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         a1 = gl.zeros([BN, BK], DTYPE, DOT)
-        zz, ss = _scales_zeros(s_ptr, z_ptr, k0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+        zz, ss = 0, 0  # under SCALES_TMA _a_operand reads them from its ring slot
+        if not SCALES_TMA:  # from global memory, a K-tile ahead
+            zz, ss = _scales_zeros(s_ptr, z_ptr, k0, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
         for i in range(k0, k1, 2):
             # Two K-tiles per trip, A register sets a0 and a1: each is a dependency of the wait that
             # retires its wgmma, so the next tile's A cannot land in registers a wgmma still reads.
             j = c + i - k0  # ring position of K-tile i
-            a0 = _a_operand(x_desc, w_smem, ready, j, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
-            zz, ss = _scales_zeros(s_ptr, z_ptr, i + 1, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+            a0 = _a_operand(x_desc, w_smem, s_smem, z_smem, ready, j, sel, zz, ss, GROUP, HAS_ZEROS, SCALES_TMA, BN,
+                            BK, STAGES, L3, PAIR, DOT)
+            if not SCALES_TMA:
+                zz, ss = _scales_zeros(s_ptr, z_ptr, i + 1, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
             acc = warpgroup_mma(a0, x_smem.index(j % STAGES).permute((1, 0)), acc, is_async=True)
             acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))  # retires K-tile i - 1
             mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), pred=i > k0)
 
-            a1 = _a_operand(x_desc, w_smem, ready, j + 1, sel, zz, ss, BN, BK, STAGES, L3, PAIR, DOT)
-            zz, ss = _scales_zeros(s_ptr, z_ptr, i + 2, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
+            a1 = _a_operand(x_desc, w_smem, s_smem, z_smem, ready, j + 1, sel, zz, ss, GROUP, HAS_ZEROS, SCALES_TMA,
+                            BN, BK, STAGES, L3, PAIR, DOT)
+            if not SCALES_TMA:
+                zz, ss = _scales_zeros(s_ptr, z_ptr, i + 2, off_n, N, G, GROUP, HAS_ZEROS, BK, BN, DTYPE, PAIR)
             acc = warpgroup_mma(a1, x_smem.index((j + 1) % STAGES).permute((1, 0)), acc, is_async=True)
             acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))  # retires K-tile i
             mbarrier.arrive(empty.index(j % STAGES))
@@ -295,23 +364,33 @@ def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_
 
 
 @gluon.jit
-def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, G, stride_om, num_tiles,
-                           n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                           BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                           TOKENS_FAST: gl.constexpr, SPLIT_K: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+def w4a16_gemm_sm90_kernel(x_desc, w_desc, s_desc, z_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, G, stride_om,
+                           num_tiles, n_tile0, num_k, split, k_per_split, GROUP: gl.constexpr,
+                           HAS_ZEROS: gl.constexpr, SCALES_TMA: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, TOKENS_FAST: gl.constexpr, SPLIT_K: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr):
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BK // 8, BN], w_desc.layout)
+    if SCALES_TMA:
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES] + s_desc.block_type.shape, s_desc.layout)
+    else:  # s_desc and z_desc stand in for nothing (the launcher passes w_desc): a small unused slot
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [1, 1, BN], s_desc.layout)
+    if SCALES_TMA and HAS_ZEROS:
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
+    else:
+        z_smem = gl.allocate_shared_memory(z_desc.dtype, [1, 1, BN], z_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
-        (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, ready, empty, M, N, G,
-                     stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP, HAS_ZEROS, BN, BM, BK, STAGES,
-                     TOKENS_FAST, SPLIT_K)),
-        (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, num_tiles, n_tile0, num_k, split,
-                     k_per_split, BN, BM, BK, STAGES, TOKENS_FAST)),
+        (_consumer, (x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_smem, s_smem, z_smem, ready,
+                     empty, M, N, G, stride_om, num_tiles, n_tile0, num_k, split, k_per_split, GROUP, HAS_ZEROS,
+                     SCALES_TMA, BN, BM, BK, STAGES, TOKENS_FAST, SPLIT_K)),
+        (_producer, (x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready, empty, M, N, num_tiles,
+                     n_tile0, num_k, split, k_per_split, GROUP, HAS_ZEROS, SCALES_TMA, BN, BM, BK, STAGES,
+                     TOKENS_FAST)),
     ], [1], [PRODUCER_REGS])
 
 
@@ -360,17 +439,22 @@ def _k_split(num_k: int, split: int) -> tuple[int, int]:
 
 
 def small_m_split(M: int, N: int, num_k: int, sms: int, bm: int) -> int:
-    """Splits of K for ``bm``-token tiles (one tile of tokens up to M = 256). Each CTA walks
-    ceil(units / SMs) units; a unit streams its K-tiles (words and x) and, when split, writes an
-    fp32 partial that the tile's last CTA reads back: at 64 tokens a partial weighs as much as 16
-    K-tiles of words, at 8 tokens 2. The split with the fewest bytes per CTA wins (ties: fewer)."""
+    """Splits of K for ``bm``-token tiles (one tile of tokens up to M = 256): the fewest bytes per
+    CTA. A CTA walks ceil(units / SMs) units; each streams its K-tiles (words and x), writes an
+    fp32 partial when split that the tile's last CTA reads back (at 64 tokens as much as 16
+    K-tiles of words), and pays a fixed cost (ring fill, epilogue, ticket: ~2.4 us in a
+    least-squares fit) counted as ``UNIT_BYTES``. Forced splits 1-16 at M = 1-256 on five layers
+    (H100, bench/results/gluon_sm90_tma_scales_lab_h100_2026-11-23.json): with any fixed cost from
+    32 to 192 KB the rule picks the fastest split, or one within 2% of it, on all 30; without it,
+    6144x4096 at M = 1 and 16 split 8 ways instead of 2 (20-32% slower) and the 28672-feature
+    layers 4 ways instead of 1 (5-25%)."""
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, BN)
     k_tile_bytes = BK // 8 * BN * 4 + bm * BK * 2
-    partial_bytes = 2 * BN * bm * 4
+    partial_bytes = 2 * BN * bm * 4  # stored once, read back once
     best, best_cost = 1, float("inf")
     for split in range(1, min(SPLIT_MAX, num_k // 2) + 1):
         split, kps = _k_split(num_k, split)
-        cost = triton.cdiv(tiles * split, sms) * (kps * k_tile_bytes + partial_bytes * (split > 1))
+        cost = triton.cdiv(tiles * split, sms) * (kps * k_tile_bytes + partial_bytes * (split > 1) + UNIT_BYTES)
         if cost < best_cost:
             best, best_cost = split, cost
     return best
@@ -407,8 +491,26 @@ def _tokens_fast(M: int, N: int) -> bool:
 
 
 def _stages(bm: int) -> int:
-    """Ring depth: 4 at 256 tokens (5 measured no faster), up to 8 where stages are small."""
+    """Ring depth: 4 at 256 tokens (5 measured no faster), 8 at 128; at 8-64 tokens 6: the fastest
+    of 4-20 (within 0.1%) on 19 of 20 points (notes item 30), 0-3% ahead of 8, 0-17% ahead of 4."""
+    if bm <= 64:
+        return 6
     return max(2, min(8, (160 * 1024) // (bm * BK * 2 + BK // 8 * BN * 4)))
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A [G, N] scale or zero-point tensor TMA can read: 16-byte aligned base and row stride."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.uint8: 8}
+
+
+def _rows_desc(t: torch.Tensor, group_size: int) -> TensorDescriptor:
+    """TMA descriptor of the scale (or zero-point) rows one K-tile needs: BK // group rows for
+    groups smaller than the tile (32), else one; plain row-major in shared memory (no swizzle)."""
+    rows = max(1, BK // group_size)
+    return TensorDescriptor.from_tensor(t, [rows, BN], gl.NVMMASharedLayout(0, _BITS[t.dtype], 2))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
@@ -426,16 +528,25 @@ def _tickets(device: torch.device) -> torch.Tensor | None:
 
 
 def w4a16_gemm_sm90(x, qweight, scales, zeros, in_features, group_size, out, block_m=None, split_k=None,
-                    stages=None):
+                    stages=None, scales_tma=None):
     """``out = x @ dequant(W).T`` (x [M, K] fp16/bf16 contiguous, checked by the caller with
     ``capable``/``shape_ok``/``pointers_ok``); ``group_size`` is the effective one (K_pad for -1).
-    ``block_m``, ``split_k``: see ``plan``; ``stages``: the TMA ring's depth (None: chosen from the shape)."""
+    ``block_m``, ``split_k``: see ``plan``; ``stages``: the TMA ring's depth (None: chosen from the
+    shape); ``scales_tma``: False loads scales and zero points with plain loads (None: TMA where
+    their row strides and addresses allow it)."""
     M, N = x.shape[0], qweight.shape[1]
     k_tiles = triton.cdiv(qweight.shape[0] * 8, BK)
     num_k = k_tiles + (k_tiles & 1)  # the K loop does two tiles a trip; TMA zero-fills the extra one
     sms = _sm_count(x.device)
     w_desc = TensorDescriptor.from_tensor(qweight, [BK // 8, BN], gl.NVMMASharedLayout(0, 32, 2))
     zeros_arg = zeros if zeros is not None else scales
+    if scales.shape[0] == 1:  # one group spans K (per-channel): any multiple of BK past K says so
+        group_size = 1 << 30
+    s_desc = z_desc = w_desc  # placeholders, unused without SCALES_TMA
+    scales_tma = scales_tma is not False and _tma_ok(scales) and (zeros is None or _tma_ok(zeros))
+    if scales_tma:
+        s_desc = _rows_desc(scales, group_size)
+        z_desc = _rows_desc(zeros, group_size) if zeros is not None else s_desc
     for launch in plan(M, N, num_k, sms, split_k, block_m):
         bm, tiles = launch.bm, triton.cdiv(M, launch.bm) * launch.n_tiles
         # Unsplit launches never touch the workspace or the tickets: out stands in for both pointers.
@@ -449,7 +560,7 @@ def w4a16_gemm_sm90(x, qweight, scales, zeros, in_features, group_size, out, blo
         x_layout = gl.NVMMASharedLayout.get_default_for([bm, BK], _GL_DTYPES[x.dtype])
         x_desc = TensorDescriptor.from_tensor(x, [bm, BK], x_layout)
         w4a16_gemm_sm90_kernel[(min(sms, tiles * split), )](
-            x_desc, w_desc, scales, zeros_arg, out, ws, tickets, M, N, scales.shape[0], out.stride(0), tiles,
-            launch.n_tile0, num_k, split, kps, group_size, zeros is not None, BN, bm, BK, stages or _stages(bm),
-            _tokens_fast(M, N), split > 1, PRODUCER_REGS, num_warps=8, maxnreg=MAXNREG)
+            x_desc, w_desc, s_desc, z_desc, scales, zeros_arg, out, ws, tickets, M, N, scales.shape[0],
+            out.stride(0), tiles, launch.n_tile0, num_k, split, kps, group_size, zeros is not None, scales_tma, BN, bm,
+            BK, stages or _stages(bm), _tokens_fast(M, N), split > 1, PRODUCER_REGS, num_warps=8, maxnreg=MAXNREG)
     return out
