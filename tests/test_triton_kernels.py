@@ -301,9 +301,9 @@ def test_tuned_configs_prefer_the_group_they_were_tuned_at():
 
 
 def test_sm90_default_rule():
-    """gemm_sm90 replaces the Triton paths where it measured faster: M = 65-256 (one token tile, K
-    split) on layers larger than 4096x4096, and M = 257-2047 where its 128 x 256 tiles fill ~0.7
-    of a wave; fp16/bf16 x and TMA-friendly K and N only."""
+    """gemm_sm90 replaces the Triton paths where it measured faster: M = 17-128 (one token tile, K
+    split), to 256 on layers larger than 4096x4096, and M = 257-2047 where its 128 x 256 tiles
+    fill ~0.7 of a wave; fp16/bf16 x and TMA-friendly K and N only."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
     f16 = torch.float16
@@ -313,8 +313,12 @@ def test_sm90_default_rule():
     assert tw.sm90_default(128, 28672, 4096, f16, 132)  # one token tile, K split
     assert tw.sm90_default(65, 6144, 4096, torch.bfloat16, 132)
     assert tw.sm90_default(256, 4096, 14336, f16, 132)
-    assert not tw.sm90_default(64, 28672, 4096, f16, 132)  # the fused Triton GEMM's M
-    assert not tw.sm90_default(128, 4096, 4096, f16, 132)  # the smallest layer keeps the Triton paths
+    assert tw.sm90_default(17, 28672, 4096, f16, 132)
+    assert tw.sm90_default(64, 4096, 4096, torch.bfloat16, 132)
+    assert tw.sm90_default(128, 4096, 4096, f16, 132)
+    assert not tw.sm90_default(16, 4096, 4096, f16, 132)  # the fused Triton GEMM's M
+    assert not tw.sm90_default(1, 28672, 8192, f16, 132)  # the GEMV's
+    assert not tw.sm90_default(129, 4096, 4096, f16, 132)  # dequantize + cuBLAS on the smallest layer
     assert not tw.sm90_default(257, 4096, 4096, f16, 132)  # 64 tiles of 256 tokens: half a wave
     assert not tw.sm90_default(512, 4096, 4096, f16, 132)
     assert not tw.sm90_default(2048, 4096, 14336, f16, 132)
@@ -374,6 +378,20 @@ def test_sm90_refuses_clearly_where_it_cannot_run(weight):
     with pytest.raises(ValueError, match="gemm_sm90 cannot run this call: .*(sm_90|K % 8|Gluon)"):
         tw.run_kernel("gemm_sm90", *args(x, weight))
     assert tw.choose_config(x.device, 2048, 33, 100, 32, None, torch.float16)["kernel"] != "gemm_sm90"
+
+
+def test_sm90_refused_at_run_time_falls_back_to_the_portable_choice(monkeypatch):
+    """Chosen but unable to take a call (here: no sm_90 GPU; on one, a misaligned x), gemm_sm90
+    hands the call to what the plain-Triton choice runs at that M (the fused GEMM at M = 33, not
+    dequantize + cuBLAS), and the result is right."""
+    x, w, ref, seed = make_problem(33, 33, 100, 32, False, torch.float16)
+    ran = []
+    gemm = tw.LAUNCHERS["gemm"]
+    monkeypatch.setitem(tw.LAUNCHERS, "gemm", lambda *a, **k: ran.append("gemm") or gemm(*a, **k))
+    out = tw._launch({"kernel": "gemm_sm90"}, *args(x, w), out=poisoned((33, 33), torch.float16, DEVICE))
+    assert ran == ["gemm"]
+    assert tw.portable_config(x.device, 33, 33, 100, 32)["kernel"] == "gemm"
+    check(out, ref, torch.float16, f"fallback seed={seed}")
 
 
 def _sm90_sass_counts(dtype, group_size, bm, split_k, scales_tma):

@@ -4,7 +4,7 @@ Four paths (each kernel next to its launcher):
 
     gemv       triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
     gemm       triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
-    gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       M > 64 on sm_90: fused, warp-specialised wgmma (Gluon)
+    gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       M > 16 on sm_90: fused, warp-specialised wgmma (Gluon)
     dequant    triton_gemm.py  w4a16_dequant_matmul  large M elsewhere: dequantize to a dense buffer + cuBLAS
 
 ``w4a16_matmul`` picks one and its config per call from the M/N/K/group size:
@@ -17,7 +17,7 @@ Four paths (each kernel next to its launcher):
 
 ``gemm_sm90`` takes over from ``gemm``/``dequant`` where it was measured faster (``sm90_default``); it
 runs on sm_90 GPUs only (not in the interpreter) and where a call's shape and pointers suit TMA,
-else ``dequant`` runs. ``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path
+else the path chosen without it runs (``portable_config``). ``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path
 (with its heuristic config): a debugging and testing knob.
 
 Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
@@ -160,19 +160,23 @@ def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
     """Whether ``gemm_sm90`` replaces the fused Triton GEMM / dequantize + cuBLAS on an sm_90 GPU.
     Measured on an H100, fp16/bf16, group 128, timed in alternation with the path it replaces:
 
-    * M = 65-256 (one token tile, K split across CTAs): ahead on the 8B/70B layers larger than
-      4096x4096 (e.g. 28672x4096 at M = 128: 76 against 110 us; 4096x14336 at M = 256: 65 against
-      115 us); on 4096x4096 the Triton paths stay up to 9% ahead. At M <= 64 the Triton GEMV/GEMM
-      stay ahead (there its K loop is bound by the scale loads' latency, notes item 29).
+    * M = 17-256 (one token tile, K split across CTAs, scales by TMA): at M = 32 and 64 ahead of
+      the fused Triton GEMM on all five 8B/70B layers (e.g. 28672x4096 at M = 64: 42 against 58 us,
+      4096x4096 bf16: 14.3 against 16.2), at M = 65-256 of the fused GEMM and dequantize + cuBLAS
+      on the layers larger than 4096x4096 and at M = 128 on 4096x4096 (20.5 against 21.8 us; at
+      M = 256 dequantize + cuBLAS stays 8% ahead there). At M = 16 it won on two layers, lost on
+      two by 3-4%; below, and at M = 1 (GEMV: 7.0 against 9.1 us at 4096x4096), the Triton paths
+      stay ahead (notes item 30).
     * M = 257-2047 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
-      the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x).
+      the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x in
+      session 18; 0.86-1.02x since the scales come by TMA).
       From M = 2048 the dense GEMM's efficiency pays for the dequantize (there it lost on three of
       five layers by 2-5%).
-    (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_splitk_lab_h100_2026-11-23.json)"""
+    (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_tma_scales_lab_h100_2026-11-23.json)"""
     if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype) or M >= 2048:
         return False
     if M <= gluon_sm90.SMALL_M:
-        return M > 64 and N * K > 4096 * 4096
+        return M > 16 and (M <= 128 or N * K > 4096 * 4096)
     tiles = math.ceil(M / gluon_sm90.BM) * math.ceil(N / gluon_sm90.BN)
     return tiles >= 0.7 * sms
 
@@ -235,9 +239,18 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
 @functools.lru_cache(maxsize=4096)
 def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None,
                   dtype: torch.dtype = torch.float16) -> dict:
-    sms, table = _device_info(device)
+    sms = _device_info(device)[0]
     if forced is None and sm90_capable(device) and sm90_default(M, N, K, dtype, sms):
         return heuristic_config("gemm_sm90", M, N, K, group_size, sms)
+    return portable_config(device, M, N, K, group_size, forced)
+
+
+@functools.lru_cache(maxsize=4096)
+def portable_config(device: torch.device, M: int, N: int, K: int, group_size: int,
+                    forced: str | None = None) -> dict:
+    """The choice among the plain-Triton paths: the tuned table's, else the heuristic's. Also
+    what runs when ``gemm_sm90`` was chosen but cannot take a call (a misaligned x)."""
+    sms, table = _device_info(device)
     if forced is None:
         cfg = _tuned(table, M, N, K, group_size)
         if cfg is not None:
@@ -330,7 +343,7 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict
         if why is not None:
             if strict:
                 raise ValueError(f"kernel gemm_sm90 cannot run this call: {why}")
-            cfg = heuristic_config("dequant", M, N, in_features, group_size, _device_info(x.device)[0])
+            cfg = portable_config(x.device, M, N, in_features, group_size)
     params = dict(cfg)
     launch = LAUNCHERS[params.pop("kernel")]
     gs = effective_group_size(in_features, group_size)
