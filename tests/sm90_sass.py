@@ -32,12 +32,9 @@ def compile_sm90(dtype: torch.dtype, group_size: int, bm: int, split_k: bool = F
                               gl.NVMMASharedLayout.get_default_for([bm, m.BK], gdt))
     w_desc = TensorDescriptor(qw, list(qw.shape), list(qw.stride()), [m.BK // 8, m.BN], gl.NVMMASharedLayout(0, 32, 2))
     s_desc = z_desc = w_desc
-    if scales_tma:
-        rows = max(1, m.BK // group_size)
-        sc = torch.empty(4096 // group_size, 4096, dtype=dtype)
-        zp = torch.empty(4096 // group_size, 4096, dtype=torch.uint8)
-        s_desc = TensorDescriptor(sc, list(sc.shape), list(sc.stride()), [rows, m.BN], gl.NVMMASharedLayout(0, 16, 2))
-        z_desc = TensorDescriptor(zp, list(zp.shape), list(zp.stride()), [rows, m.BN], gl.NVMMASharedLayout(0, 8, 2))
+    if scales_tma:  # the launcher's descriptors of the scale and zero-point rows
+        s_desc = m._rows_desc(torch.empty(4096 // group_size, 4096, dtype=dtype), group_size)
+        z_desc = m._rows_desc(torch.empty(4096 // group_size, 4096, dtype=torch.uint8), group_size)
     ptr = "*fp16" if dtype == torch.float16 else "*bf16"
     sig = {"x_desc": x_desc.__mangle__(), "w_desc": w_desc.__mangle__(), "s_desc": s_desc.__mangle__(),
            "z_desc": z_desc.__mangle__(), "s_ptr": ptr, "z_ptr": "*u8", "out_ptr": ptr,

@@ -218,6 +218,19 @@ def _scales_zeros(s_ptr, z_ptr, i, off_n, N, G, GROUP: gl.constexpr, HAS_ZEROS: 
 
 
 @gluon.jit
+def _slot_row(s_rows, z_rows, r: gl.constexpr, HAS_ZEROS: gl.constexpr, BN: gl.constexpr, DTYPE: gl.constexpr,
+              ROWS: gl.constexpr):
+    """Row r of a ring slot's scales (and zero points), packed for the pair asm, as a column."""
+    s = s_rows.slice(r * BN, BN).load(ROWS)
+    if HAS_ZEROS:
+        z = z_rows.slice(r * BN, BN).load(ROWS).to(gl.int32)
+    else:
+        z = gl.full([BN], 8, gl.int32, ROWS)
+    zz, ss = _pack_scales_zeros(s, z, DTYPE)
+    return gl.expand_dims(zz, 1), gl.expand_dims(ss, 1)
+
+
+@gluon.jit
 def _scales_zeros_smem(s_smem, z_smem, st, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BK: gl.constexpr,
                        BN: gl.constexpr, DTYPE: gl.constexpr, PAIR: gl.constexpr):
     """Ring slot st's zero terms and scales, which TMA brought with the words: SROWS = BK // GROUP
@@ -227,24 +240,13 @@ def _scales_zeros_smem(s_smem, z_smem, st, GROUP: gl.constexpr, HAS_ZEROS: gl.co
     SROWS: gl.constexpr = s_smem.shape[1]
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # the rows back to back, as TMA wrote them
     s_rows = _reinterpret(s_smem.index(st), s_smem.dtype, [SROWS * BN], plain)
-    s = s_rows.slice(0, BN).load(ROWS)
-    if HAS_ZEROS:
-        z_rows = _reinterpret(z_smem.index(st), z_smem.dtype, [SROWS * BN], plain)
-        z = z_rows.slice(0, BN).load(ROWS).to(gl.int32)
-    else:
-        z = gl.full([BN], 8, gl.int32, ROWS)
-    zz, ss = _pack_scales_zeros(s, z, DTYPE)
-    zz, ss = gl.expand_dims(zz, 1), gl.expand_dims(ss, 1)
+    z_rows = _reinterpret(z_smem.index(st), z_smem.dtype, [SROWS * BN], plain) if HAS_ZEROS else s_rows
+    zz, ss = _slot_row(s_rows, z_rows, 0, HAS_ZEROS, BN, DTYPE, ROWS)
     if SROWS > 1:  # group 32: pairs p < 16 take row 0, the others row 1
-        s1 = s_rows.slice(BN, BN).load(ROWS)
-        if HAS_ZEROS:
-            z1 = z_rows.slice(BN, BN).load(ROWS).to(gl.int32)
-        else:
-            z1 = gl.full([BN], 8, gl.int32, ROWS)
-        zz1, ss1 = _pack_scales_zeros(s1, z1, DTYPE)
+        zz1, ss1 = _slot_row(s_rows, z_rows, 1, HAS_ZEROS, BN, DTYPE, ROWS)
         second = gl.expand_dims(gl.arange(0, BK // 2, layout=gl.SliceLayout(0, PAIR)) >= GROUP // 2, 0)
-        zz = gl.where(second, gl.expand_dims(zz1, 1), zz)
-        ss = gl.where(second, gl.expand_dims(ss1, 1), ss)
+        zz = gl.where(second, zz1, zz)
+        ss = gl.where(second, ss1, ss)
     return zz, ss
 
 
@@ -419,7 +421,7 @@ def shape_ok(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
 
 def pointers_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     """TMA base addresses must be 16-byte aligned (a sliced tensor may not be)."""
-    return x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+    return _tma_ok(x) and _tma_ok(qweight)
 
 
 class Launch(NamedTuple):
@@ -499,18 +501,15 @@ def _stages(bm: int) -> int:
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A [G, N] scale or zero-point tensor TMA can read: 16-byte aligned base and row stride."""
+    """A 2-D tensor TMA can read: unit inner stride, 16-byte aligned base and row stride."""
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.uint8: 8}
 
 
 def _rows_desc(t: torch.Tensor, group_size: int) -> TensorDescriptor:
     """TMA descriptor of the scale (or zero-point) rows one K-tile needs: BK // group rows for
     groups smaller than the tile (32), else one; plain row-major in shared memory (no swizzle)."""
     rows = max(1, BK // group_size)
-    return TensorDescriptor.from_tensor(t, [rows, BN], gl.NVMMASharedLayout(0, _BITS[t.dtype], 2))
+    return TensorDescriptor.from_tensor(t, [rows, BN], gl.NVMMASharedLayout(0, 8 * t.element_size(), 2))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}

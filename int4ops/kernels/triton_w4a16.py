@@ -17,8 +17,9 @@ Four paths (each kernel next to its launcher):
 
 ``gemm_sm90`` takes over from ``gemm``/``dequant`` where it was measured faster (``sm90_default``); it
 runs on sm_90 GPUs only (not in the interpreter) and where a call's shape and pointers suit TMA,
-else the path chosen without it runs (``portable_config``). ``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path
-(with its heuristic config): a debugging and testing knob.
+else the path chosen without it runs (``portable_config``).
+``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path (with its heuristic config):
+a debugging and testing knob.
 
 Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
 torch.compile-friendly (the op is opaque to Dynamo anyway).
