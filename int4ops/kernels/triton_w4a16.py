@@ -168,13 +168,20 @@ def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
       M = 256 dequantize + cuBLAS stays 8% ahead there). At M = 16 it won on two layers, lost on
       two by 3-4%; below, and at M = 1 (GEMV: 7.0 against 9.1 us at 4096x4096), the Triton paths
       stay ahead (notes item 30).
-    * M = 257-2047 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
+    * M > 256 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
       the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x in
-      session 18; 0.86-1.02x since the scales come by TMA).
-      From M = 2048 the dense GEMM's efficiency pays for the dequantize (there it lost on three of
-      five layers by 2-5%).
-    (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_tma_scales_lab_h100_2026-11-23.json)"""
-    if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype) or M >= 2048:
+      session 18; 0.86-1.02x since the scales come by TMA). At M = 2048 ahead of dequantize +
+      cuBLAS on all five layers in both dtypes (1-14% less time, one tie), and in fp16 at M =
+      3072-4096 too (2-9%, one loss of 3% at 6144x4096 M = 3072). In bf16 from M = 3072 it no
+      longer wins: at 3072 1% ahead on the two 28672-feature layers, even or 3-11% behind on the
+      others; at 4096 2-4% behind (one tie). cuBLAS's bf16 GEMM is the faster one there, and this
+      kernel's bf16 dequantization costs an instruction more per pair. So bf16 keeps dequantize +
+      cuBLAS from M = 3072 (notes item 32).
+    (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_tma_scales_lab_h100_2026-11-23.json,
+    large_m_h100_2026-11-23*.json)"""
+    if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype):
+        return False
+    if dtype == torch.bfloat16 and M >= 3072:
         return False
     if M <= gluon_sm90.SMALL_M:
         return M > 16 and (M <= 128 or N * K > 4096 * 4096)
