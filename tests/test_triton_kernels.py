@@ -398,19 +398,23 @@ def test_sm90_refused_at_run_time_falls_back_to_the_portable_choice(monkeypatch)
 
 
 def _sm90_sass_counts(dtype, group_size, bm, split_k, scales_tma):
-    """tests/sm90_sass.py in a child process without the interpreter: {instruction: count, "shared": bytes}."""
+    """gemm_sm90's SASS statistics: {instruction: count, "shared": bytes}."""
+    return _sass_counts([str(dtype).split(".")[1], str(group_size), str(bm), str(int(split_k)), str(int(scales_tma))])
+
+
+def _sass_counts(argv):
+    """tests/sm90_sass.py ``argv`` in a child process without the interpreter: its JSON."""
     import subprocess
     import sys
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).with_name("sm90_sass.py")), str(dtype).split(".")[1], str(group_size),
-           str(bm), str(int(split_k)), str(int(scales_tma))]
+    cmd = [sys.executable, str(Path(__file__).with_name("sm90_sass.py")), *argv]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode == 3:
         pytest.skip(f"this Triton cannot compile Gluon for sm_90 here: {r.stderr.strip()[-300:]}")
-    assert r.returncode == 0, f"compiling gemm_sm90 for sm_90 failed:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, f"compiling {' '.join(argv)} for sm_90 failed:\n{r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -436,12 +440,114 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k, scal
 
 
 # ------------------------------------------------------------------------------------------------
+# gemv_mma (Gluon; GPU-only to run): its K split, its refusals, and its sm_90 code
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gemv_mma_split_rule():
+    """~8 CTAs of 32 features per SM: the splits measured fastest on the five layers (notes item 33)."""
+    if tw.gluon_gemv is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._GEMV_MMA_ERROR}")
+    rule = tw.gluon_gemv.split_rule
+    assert rule(4096, 4096, 132) == 8
+    assert rule(6144, 4096, 132) == 6
+    assert rule(4096, 14336, 132) == 8
+    assert rule(28672, 4096, 132) == 1
+    assert rule(28672, 8192, 132) == 1
+    assert rule(33, 100, 132) == 1  # one step of 32 word rows covers K
+    assert rule(64, 4096, 132) == 16  # capped
+    cfg = tw.heuristic_config("gemv_mma", 1, 4096, 4096, 128, 132)
+    assert cfg == dict(kernel="gemv_mma", warps_k=4, rows_per_lane=2, split_k=8)
+
+
+def test_gemv_mma_refuses_clearly_where_it_cannot_run(weight):
+    """Forced where it cannot run (here: no sm_90 GPU, or M > 1, or K % 8), gemv_mma says why;
+    the automatic choice picks it only at M = 1 on an sm_90 GPU."""
+    for M in (1, 2):
+        x = torch.ones(M, 100, device=DEVICE, dtype=torch.float16)
+        with pytest.raises(ValueError, match="gemv_mma cannot run this call: .*(sm_90|M = 1|Gluon)"):
+            tw.run_kernel("gemv_mma", *args(x, weight))
+    assert tw.choose_config(torch.device(DEVICE), 1, 33, 100, 32, None, torch.float16)["kernel"] != "gemv_mma"
+
+
+def test_gemv_mma_refused_at_run_time_falls_back_to_the_gemv(monkeypatch):
+    """Chosen but unable to take a call, gemv_mma hands it to the plain GEMV, with the right result."""
+    x, w, ref, seed = make_problem(1, 33, 100, 32, False, torch.float16)
+    ran = []
+    gemv = tw.LAUNCHERS["gemv"]
+    monkeypatch.setitem(tw.LAUNCHERS, "gemv", lambda *a, **k: ran.append("gemv") or gemv(*a, **k))
+    out = tw._launch(tw.heuristic_config("gemv_mma", 1, 33, 100, 32, 8), *args(x, w),
+                     out=poisoned((1, 33), torch.float16, DEVICE))
+    assert ran == ["gemv"]
+    check(out, ref, torch.float16, f"fallback seed={seed}")
+
+
+@pytest.mark.parametrize("dtype,has_zeros,rep,wk", (
+    (torch.float16, True, 2, 4), (torch.bfloat16, True, 2, 4), (torch.float16, False, 1, 4), (torch.bfloat16, False, 4, 2)))
+def test_gemv_mma_compiles_to_mma_sync(dtype, has_zeros, rep, wk):
+    """Compiled for sm_90 (here, without a GPU): per step each lane issues REP packs of one 16-byte
+    word load, one 16-byte x load and 4 HMMA.16816, with no register spills. (An asm operand or
+    layout mistake that still compiled would show up here as other counts, or in the GPU tests.)"""
+    if tw.gluon_gemv is None:
+        pytest.skip(f"no Gluon in this Triton: {tw._GEMV_MMA_ERROR}")
+    counts = _sass_counts(["gemv", str(dtype).split(".")[1], str(int(has_zeros)), str(rep), str(wk)])
+    assert counts["HMMA.16816.F32"] == 4 * rep, counts
+    assert counts["LDG.E.128"] == 2 * rep, counts
+    assert counts["STL"] == 0 and counts["LDL"] == 0, "register spills"
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: real layer sizes, the op's registration, CUDA graphs (skipped without a GPU)
 # ------------------------------------------------------------------------------------------------
 
 LLAMA_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672))
 SM90 = ("gemm_sm90",) if torch.cuda.is_available() and tw.sm90_capable(torch.device("cuda")) else ()
 needs_sm90 = pytest.mark.skipif(not SM90, reason="gemm_sm90 needs an sm_90 GPU and Gluon")
+GEMV_MMA = ("gemv_mma",) if torch.cuda.is_available() and tw.gemv_mma_capable(torch.device("cuda")) else ()
+needs_gemv_mma = pytest.mark.skipif(not GEMV_MMA, reason="gemv_mma needs an sm_90 GPU and Gluon")
+
+
+@pytest.mark.gpu
+@needs_gemv_mma
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K,group_size,sym,scale_dtype,config", (
+    (4096, 4096, 128, False, None, {}),
+    (4096, 4096, 128, True, torch.float32, dict(split_k=1)),
+    (1000, 1000, 64, False, None, dict(split_k=3)),  # K: 125 word rows, a partial last step
+    (33, 4104, 32, False, torch.float16, {}),  # N: one partial CTA; group 32: one word row per lane
+    (4099, 520, -1, True, None, dict(split_k=2)),  # per channel, N % 4 != 0
+    (4096, 8, 256, False, None, {}),  # one word row
+    (6144, 4096, 256, True, None, dict(warps_k=2, rows_per_lane=4)),
+    (2048, 14336, 128, False, torch.bfloat16, dict(warps_k=8, rows_per_lane=1, split_k=5)),
+))
+def test_gpu_gemv_mma_matches_reference(N, K, group_size, sym, scale_dtype, config, dtype):
+    """Odd N and K, every group size, sym/asym, scale dtypes, K splits and tiles; the same bits on a
+    second call (the split-K reduce adds in a fixed order)."""
+    x, w, ref, seed = make_problem(1, N, K, group_size, sym, dtype, scale_dtype, device="cuda")
+    first = tw.run_kernel("gemv_mma", *args(x, w), out=poisoned((1, N), dtype, "cuda"), **config)
+    check(first, ref, dtype, f"gemv_mma N={N} K={K} g={group_size} sym={sym} {config} seed={seed}")
+    again = tw.run_kernel("gemv_mma", *args(x, w), out=poisoned((1, N), dtype, "cuda"), **config)
+    assert torch.equal(first, again), f"not deterministic, seed={seed}"
+
+
+@pytest.mark.gpu
+@needs_gemv_mma
+def test_gpu_gemv_mma_dispatch_and_fallback():
+    """The default at M = 1 in fp16/bf16 with K % 8 == 0; fp32 x, K % 8 != 0 and an x at an odd
+    element offset run the plain GEMV, with right results."""
+    dev = torch.device("cuda")
+    for dtype in DTYPES:
+        assert tw.choose_config(dev, 1, 4096, 4096, 128, None, dtype)["kernel"] == "gemv_mma"
+    assert tw.choose_config(dev, 1, 4096, 4096, 128, None, torch.float32)["kernel"] == "gemv"
+    assert tw.choose_config(dev, 1, 4096, 4100, 128, None, torch.float16)["kernel"] == "gemv"
+    assert tw.choose_config(dev, 2, 4096, 4096, 128, None, torch.float16)["kernel"] != "gemv_mma"
+    x, w, ref, seed = make_problem(1, 4096, 4096, 128, False, torch.float16, device="cuda")
+    buf = torch.empty(4096 + 1, dtype=torch.float16, device="cuda")
+    xs = buf[1:].view(1, 4096)  # odd element offset: no int32 view
+    xs.copy_(x)
+    assert not tw.gluon_gemv.x_ok(xs)
+    check(tw.w4a16_matmul(*args(xs, w), out=poisoned((1, 4096), torch.float16, "cuda")), ref, torch.float16,
+          f"fallback seed={seed}")
 
 
 @pytest.mark.gpu
@@ -540,7 +646,7 @@ def test_gpu_real_sizes(M, N, K, dtype):
     x, w, ref, seed = make_problem(M, N, K, 128, False, dtype, device="cuda")
     out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, N), dtype, "cuda"))
     check(out, ref, dtype, f"auto M={M} N={N} K={K} seed={seed}")
-    for kernel in (*KERNELS, *SM90) if M <= 64 else ("gemm", "dequant", *SM90):
+    for kernel in (*KERNELS, *SM90, *(GEMV_MMA if M == 1 else ())) if M <= 64 else ("gemm", "dequant", *SM90):
         out = tw.run_kernel(kernel, *args(x, w), out=poisoned((M, N), dtype, "cuda"))
         check(out, ref, dtype, f"{kernel} M={M} N={N} K={K} seed={seed}")
 
@@ -669,8 +775,9 @@ def test_gpu_cuda_graph_capture_and_replay(M):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile():
-    x, w, ref, _ = make_problem(16, 1024, 512, 128, True, torch.float16, device="cuda")
+@pytest.mark.parametrize("M", (1, 16))
+def test_gpu_torch_compile(M):
+    x, w, ref, _ = make_problem(M, 1024, 512, 128, True, torch.float16, device="cuda")
     fn = torch.compile(lambda x: torch.ops.int4ops.w4a16_mm(x, w.qweight, w.scales, w.zeros, 512, 128, "triton"), fullgraph=True)
     check(fn(x), ref, torch.float16, "compiled")
 

@@ -1,8 +1,9 @@
 """Triton backend of ``torch.ops.int4ops.w4a16_mm``: argument checks, kernel choice, configs.
 
-Four paths (each kernel next to its launcher):
+Five paths (each kernel next to its launcher):
 
     gemv       triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
+    gemv_mma   gluon_gemv.py   w4a16_gemv_mma        M = 1 on sm_90: the same stream, multiply-adds on mma.sync (Gluon)
     gemm       triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
     gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       M > 16 on sm_90: fused, warp-specialised wgmma (Gluon)
     dequant    triton_gemm.py  w4a16_dequant_matmul  large M elsewhere: dequantize to a dense buffer + cuBLAS
@@ -15,10 +16,11 @@ Four paths (each kernel next to its launcher):
    GPU never stalls on autotuning: the first call of a new config costs only Triton's JIT
    compile (see notes/triton_kernels.md), later calls a dict lookup.
 
-``gemm_sm90`` takes over from ``gemm``/``dequant`` where it was measured faster (``sm90_default``); it
-runs on sm_90 GPUs only (not in the interpreter) and where a call's shape and pointers suit TMA,
-else the path chosen without it runs (``portable_config``).
-``INT4OPS_TRITON_KERNEL=gemv|gemm|dequant|gemm_sm90`` forces one path (with its heuristic config):
+The Gluon kernels take over on sm_90 GPUs (not in the interpreter) where they were measured faster:
+``gemv_mma`` from ``gemv`` at M = 1 (fp16/bf16, K % 8 == 0), ``gemm_sm90`` from ``gemm``/``dequant``
+(``sm90_default``). Where a call's shape or pointers do not suit one, the path chosen without it
+runs (``portable_config``).
+``INT4OPS_TRITON_KERNEL=gemv|gemv_mma|gemm|dequant|gemm_sm90`` forces one path (with its heuristic config):
 a debugging and testing knob.
 
 Nothing here reads tensor values on the host, so calls are CUDA-graph capturable and
@@ -65,8 +67,17 @@ except Exception as e:  # noqa: BLE001 - ImportError, or AttributeError from an 
     gluon_sm90 = None
     _SM90_ERROR = e
 
+try:  # the same for the decode kernel
+    from . import gluon_gemv
+
+    LAUNCHERS["gemv_mma"] = gluon_gemv.w4a16_gemv_mma
+    _GEMV_MMA_ERROR = None
+except Exception as e:  # noqa: BLE001
+    gluon_gemv = None
+    _GEMV_MMA_ERROR = e
+
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNELS = ("gemv", "gemm", "dequant", "gemm_sm90")
+KERNELS = ("gemv", "gemv_mma", "gemm", "dequant", "gemm_sm90")
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _INT32_LIMIT = 2**31
 
@@ -136,6 +147,11 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
         return dict(kernel="dequant", block_n=64, block_k=_block_k(group_size, K, 128), num_warps=4)
     if kernel == "gemm_sm90":
         return dict(kernel="gemm_sm90")  # tiles, K split and ring depth: gluon_sm90.plan and _stages
+    if kernel == "gemv_mma":
+        # 4 warps of 2 word rows per lane per step (fastest or within 2% on the five 8B/70B layers,
+        # notes item 33), K split for ~8 CTAs per SM.
+        return dict(kernel="gemv_mma", warps_k=4, rows_per_lane=2,
+                    split_k=gluon_gemv.split_rule(N, K, sms) if gluon_gemv is not None else 1)
     # Fused GEMM (H100 tuning, 2026-11-22, PTX unpacking): the activation rows are the MMA's N,
     # so the row tile only needs to cover M; 64-feature tiles at M <= 16 (more programs), 128
     # above; K split until ~3 programs per SM, and so that no program walks more than 16 K-tiles.
@@ -200,6 +216,12 @@ def sm90_capable(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def gemv_mma_capable(device: torch.device) -> bool:
+    """gemv_mma can run here: Gluon imported, an sm_90 GPU, not the interpreter."""
+    return gluon_gemv is not None and gluon_gemv.capable(device) and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@functools.lru_cache(maxsize=None)
 def _device_info(device: torch.device) -> tuple[int, dict]:
     """(SM count, tuned tables) of a device, read once per device. The tables are
     {"base": {"NxK": {M: config}}, "groups": {group: {"NxK": {M: config}}}}: "base" was tuned
@@ -248,6 +270,8 @@ def _tuned(table: dict, M: int, N: int, K: int, group_size: int) -> dict | None:
 def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int, forced: str | None,
                   dtype: torch.dtype = torch.float16) -> dict:
     sms = _device_info(device)[0]
+    if forced is None and gemv_mma_capable(device) and gluon_gemv.shape_ok(M, N, K, dtype):
+        return heuristic_config("gemv_mma", M, N, K, group_size, sms)  # ahead of the GEMV's tuned table
     if forced is None and sm90_capable(device) and sm90_default(M, N, K, dtype, sms):
         return heuristic_config("gemm_sm90", M, N, K, group_size, sms)
     return portable_config(device, M, N, K, group_size, forced)
@@ -257,7 +281,7 @@ def choose_config(device: torch.device, M: int, N: int, K: int, group_size: int,
 def portable_config(device: torch.device, M: int, N: int, K: int, group_size: int,
                     forced: str | None = None) -> dict:
     """The choice among the plain-Triton paths: the tuned table's, else the heuristic's. Also
-    what runs when ``gemm_sm90`` was chosen but cannot take a call (a misaligned x)."""
+    what runs when a Gluon kernel was chosen but cannot take a call (e.g. a misaligned x)."""
     sms, table = _device_info(device)
     if forced is None:
         cfg = _tuned(table, M, N, K, group_size)
@@ -322,6 +346,20 @@ def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=N
     return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict=True)
 
 
+def _gemv_mma_refusal(x, qweight, in_features) -> str | None:
+    """Why gemv_mma cannot run this call, or None."""
+    if gluon_gemv is None:
+        return f"Gluon is unavailable in this Triton ({type(_GEMV_MMA_ERROR).__name__}: {_GEMV_MMA_ERROR})"
+    if not gemv_mma_capable(x.device):
+        return f"it needs an sm_90 GPU (Hopper) outside the Triton interpreter, got {x.device}"
+    M, N = x.shape[0], qweight.shape[1]
+    if not gluon_gemv.shape_ok(M, N, in_features, x.dtype):
+        return f"it needs M = 1, fp16/bf16 x and K % 8 == 0, got M={M}, {x.dtype}, K={in_features}"
+    if not gluon_gemv.x_ok(x):
+        return "it reads x as int32 pairs: x needs unit stride and an even storage offset"
+    return None
+
+
 def _sm90_refusal(x, qweight, in_features) -> str | None:
     """Why gemm_sm90 cannot run this call, or None."""
     if gluon_sm90 is None:
@@ -346,12 +384,12 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict
         x = x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
-    if cfg["kernel"] == "gemm_sm90":
-        why = _sm90_refusal(x, qweight, in_features)
-        if why is not None:
-            if strict:
-                raise ValueError(f"kernel gemm_sm90 cannot run this call: {why}")
-            cfg = portable_config(x.device, M, N, in_features, group_size)
+    refusal = {"gemm_sm90": _sm90_refusal, "gemv_mma": _gemv_mma_refusal}.get(cfg["kernel"])
+    why = refusal(x, qweight, in_features) if refusal is not None else None
+    if why is not None:
+        if strict:
+            raise ValueError(f"kernel {cfg['kernel']} cannot run this call: {why}")
+        cfg = portable_config(x.device, M, N, in_features, group_size)
     params = dict(cfg)
     launch = LAUNCHERS[params.pop("kernel")]
     gs = effective_group_size(in_features, group_size)
