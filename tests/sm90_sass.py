@@ -65,7 +65,8 @@ def compile_gemv(dtype: torch.dtype, has_zeros: bool, rep: int, wk: int) -> str:
                   PDL_WAIT=True, PDL_TRIGGER=True)
     sig.update({a: "constexpr" for a in consts})
     fn = m.w4a16_gemv_mma_kernel
-    aligned = ("x_ptr", "qweight_ptr", "scales_ptr", "zeros_ptr", "out_ptr", "N", "stride_x")  # as Triton specialises them
+    # the arguments Triton specialises as 16-divisible on the real layers
+    aligned = ("x_ptr", "qweight_ptr", "scales_ptr", "zeros_ptr", "out_ptr", "N", "stride_x")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": wk})

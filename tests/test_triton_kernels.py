@@ -483,7 +483,8 @@ def test_gemv_mma_refused_at_run_time_falls_back_to_the_gemv(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,has_zeros,rep,wk", (
-    (torch.float16, True, 2, 4), (torch.bfloat16, True, 2, 4), (torch.float16, False, 1, 4), (torch.bfloat16, False, 4, 2)))
+    (torch.float16, True, 2, 4), (torch.bfloat16, True, 2, 4),
+    (torch.float16, False, 1, 4), (torch.bfloat16, False, 4, 2)))
 def test_gemv_mma_compiles_to_mma_sync(dtype, has_zeros, rep, wk):
     """Compiled for sm_90 (here, without a GPU): per step each lane issues REP packs of one 16-byte
     word load, one 16-byte x load and 4 HMMA.16816, with no register spills. (An asm operand or

@@ -129,8 +129,9 @@ def w4a16_gemv_mma_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M,
                           PDL_WAIT: gl.constexpr, PDL_TRIGGER: gl.constexpr):
     """x_ptr: x as int32 pairs (row stride ``stride_x``), of which only token 0 is read (M = 1; the
     B columns of tokens 1-7 would be the lanes g = 1-7, whose sums this kernel does not store);
-    K_ROWS = K / 8 word rows; group_shift: log2 of the group in word rows (30: one group). A step is [8, 4, WK, 4 REP] words: feature 4 r + i, word
-    row w * 4 REP + c, c = j + REP t (warp w, lane t, register j)."""
+    K_ROWS = K / 8 word rows; group_shift: log2 of the group in word rows (30: one group). A step is
+    [8, 4, WK, 4 REP] words: feature 4 r + i, word row w * 4 REP + c, c = j + REP t (warp w, lane t,
+    register j)."""
     C: gl.constexpr = 4 * REP
     KW: gl.constexpr = WK * C  # word rows per step
     L: gl.constexpr = gl.BlockedLayout([1, 4, 1, REP], [8, 1, 1, 4], [1, 1, WK, 1], [1, 3, 2, 0])

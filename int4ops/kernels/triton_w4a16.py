@@ -148,8 +148,8 @@ def heuristic_config(kernel: str, M: int, N: int, K: int, group_size: int, sms: 
     if kernel == "gemm_sm90":
         return dict(kernel="gemm_sm90")  # tiles, K split and ring depth: gluon_sm90.plan and _stages
     if kernel == "gemv_mma":
-        # 4 warps of 2 word rows per lane per step (fastest or within 2% on the five 8B/70B layers,
-        # notes item 33), K split for ~8 CTAs per SM.
+        # 4 warps of 2 word rows per lane per step (the fastest in fp16 on the five 8B/70B layers,
+        # within ~3% in bf16; notes item 33), K split for ~8 CTAs per SM.
         return dict(kernel="gemv_mma", warps_k=4, rows_per_lane=2,
                     split_k=gluon_gemv.split_rule(N, K, sms) if gluon_gemv is not None else 1)
     # Fused GEMM (H100 tuning, 2026-11-22, PTX unpacking): the activation rows are the MMA's N,
