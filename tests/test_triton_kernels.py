@@ -546,7 +546,7 @@ def test_gpu_gemv_mma_dispatch_and_fallback():
     buf = torch.empty(4096 + 1, dtype=torch.float16, device="cuda")
     xs = buf[1:].view(1, 4096)  # odd element offset: no int32 view
     xs.copy_(x)
-    assert not tw.gluon_gemv.x_ok(xs)
+    assert not tw.gluon_gemv.pointers_ok(xs, w.qweight)
     check(tw.w4a16_matmul(*args(xs, w), out=poisoned((1, 4096), torch.float16, "cuda")), ref, torch.float16,
           f"fallback seed={seed}")
 

@@ -35,9 +35,9 @@ Each warp's REP rows per lane lie inside one group (4 REP word rows = 32 REP cod
 scale and zero point are loaded and packed once per warp and step, and the scale is applied to the
 fp32 MMA results (one FFMA per word): W is never rounded to x's dtype, unlike dequantize + GEMM.
 
-Requirements (``shape_ok``, ``x_ok``; triton_w4a16 runs the plain GEMV otherwise): an sm_90 GPU,
-M = 1, fp16/bf16 x with K % 8 == 0 and rows that can be read as int32 pairs. Gluon kernels do not run
-under TRITON_INTERPRET: the CPU suite compiles this one for sm_90 (tests/sm90_sass.py) and checks its
+Requirements (``capable``, ``shape_ok``, ``pointers_ok``; triton_w4a16 runs the plain GEMV otherwise):
+an sm_90 GPU, M = 1, fp16/bf16 x with K % 8 == 0 and rows that can be read as int32 pairs. Gluon
+kernels do not run under TRITON_INTERPRET: the CPU suite compiles this one for sm_90 (tests/sm90_sass.py) and checks its
 split rule; its results are checked against the reference on the GPU (tests/test_triton_kernels.py).
 Measured: notes/triton_kernels.md, item 33.
 """
@@ -209,13 +209,18 @@ def capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+# What shape_ok and pointers_ok ask for, in words (triton_w4a16's refusal messages).
+NEEDS_SHAPE = "M = 1, fp16/bf16 x and K % 8 == 0"
+NEEDS_POINTERS = "it reads x as int32 pairs: x needs unit stride and an even storage offset"
+
+
 def shape_ok(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
     """One token, 16-bit x, K a whole number of 8-code words (x is read as int32 pairs by word row)."""
     return M == 1 and dtype in (torch.float16, torch.bfloat16) and K % 8 == 0 and N > 0
 
 
-def x_ok(x: torch.Tensor) -> bool:
-    """x's row can be viewed as int32 pairs (unit stride, even offset)."""
+def pointers_ok(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """x's row can be viewed as int32 pairs (unit stride, even offset); any qweight will do."""
     return x.stride(1) == 1 and x.storage_offset() % 2 == 0
 
 
@@ -230,8 +235,8 @@ def split_rule(N: int, K: int, sms: int, warps_k: int = 4, rows_per_lane: int = 
 def w4a16_gemv_mma(x, qweight, scales, zeros, in_features, group_size, out, *, warps_k=4, rows_per_lane=2,
                    split_k=None):
     """``out [1, N] = x [1, K] @ dequant(W).T`` (checked by the caller with ``capable``/``shape_ok``/
-    ``x_ok``); ``group_size`` is the effective one (K_pad for -1). ``warps_k``: warps per CTA, each
-    on its own rows; ``rows_per_lane``: word rows per lane per step (REP, capped so that a warp's
+    ``pointers_ok``); ``group_size`` is the effective one (K_pad for -1). ``warps_k``: warps per CTA,
+    each on its own rows; ``rows_per_lane``: word rows per lane per step (REP, capped so that a warp's
     rows stay in one group); ``split_k``: None for ``split_rule``."""
     N, K = out.shape[1], in_features
     k_rows = K // 8

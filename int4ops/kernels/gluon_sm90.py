@@ -413,6 +413,11 @@ def capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+# What shape_ok and pointers_ok ask for, in words (triton_w4a16's refusal messages).
+NEEDS_SHAPE = "fp16/bf16 x, K % 8 == 0 and N % 4 == 0"
+NEEDS_POINTERS = "TMA needs x and qweight 16-byte aligned with 16-byte row strides"
+
+
 def shape_ok(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
     """Shapes and dtypes the kernel takes: TMA needs 16-byte row strides (K % 8 for x, N % 4 for
     the words), wgmma 16-bit operands."""

@@ -3,7 +3,7 @@
 Five paths (each kernel next to its launcher):
 
     gemv       triton_gemv.py  w4a16_gemv            decode, M = 1: a weight stream, split-K
-    gemv_mma   gluon_gemv.py   w4a16_gemv_mma        M = 1 on sm_90: the same stream, multiply-adds on mma.sync (Gluon)
+    gemv_mma   gluon_gemv.py   w4a16_gemv_mma        M = 1 on sm_90: that stream, multiply-adds on mma.sync (Gluon)
     gemm       triton_gemm.py  w4a16_gemm            M = 1..128: fused tensor-core tiles (W on the left), split-K
     gemm_sm90  gluon_sm90.py   w4a16_gemm_sm90       M > 16 on sm_90: fused, warp-specialised wgmma (Gluon)
     dequant    triton_gemm.py  w4a16_dequant_matmul  large M elsewhere: dequantize to a dense buffer + cuBLAS
@@ -209,16 +209,26 @@ def tuned_file(device_name: str) -> Path:
     return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
 
 
+# The Gluon paths: module (None when its import failed) and that import's error. Each module has
+# capable(device), shape_ok(M, N, K, dtype), pointers_ok(x, qweight) and NEEDS_SHAPE/NEEDS_POINTERS.
+_GLUON = {"gemm_sm90": (gluon_sm90, _SM90_ERROR), "gemv_mma": (gluon_gemv, _GEMV_MMA_ERROR)}
+
+
 @functools.lru_cache(maxsize=None)
+def _gluon_capable(kernel: str, device: torch.device) -> bool:
+    """Gluon path ``kernel`` can run here: its module imported, its GPU, not the interpreter."""
+    module = _GLUON[kernel][0]
+    return module is not None and module.capable(device) and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def sm90_capable(device: torch.device) -> bool:
-    """gemm_sm90 can run here: Gluon imported, an sm_90 GPU, not the interpreter."""
-    return gluon_sm90 is not None and gluon_sm90.capable(device) and os.environ.get("TRITON_INTERPRET") != "1"
+    """gemm_sm90 can run here."""
+    return _gluon_capable("gemm_sm90", device)
 
 
-@functools.lru_cache(maxsize=None)
 def gemv_mma_capable(device: torch.device) -> bool:
-    """gemv_mma can run here: Gluon imported, an sm_90 GPU, not the interpreter."""
-    return gluon_gemv is not None and gluon_gemv.capable(device) and os.environ.get("TRITON_INTERPRET") != "1"
+    """gemv_mma can run here."""
+    return _gluon_capable("gemv_mma", device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,31 +356,18 @@ def run_kernel(kernel, x, qweight, scales, zeros, in_features, group_size, out=N
     return _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict=True)
 
 
-def _gemv_mma_refusal(x, qweight, in_features) -> str | None:
-    """Why gemv_mma cannot run this call, or None."""
-    if gluon_gemv is None:
-        return f"Gluon is unavailable in this Triton ({type(_GEMV_MMA_ERROR).__name__}: {_GEMV_MMA_ERROR})"
-    if not gemv_mma_capable(x.device):
+def _gluon_refusal(kernel: str, x, qweight, in_features) -> str | None:
+    """Why Gluon path ``kernel`` cannot run this call, or None."""
+    module, error = _GLUON[kernel]
+    if module is None:
+        return f"Gluon is unavailable in this Triton ({type(error).__name__}: {error})"
+    if not _gluon_capable(kernel, x.device):
         return f"it needs an sm_90 GPU (Hopper) outside the Triton interpreter, got {x.device}"
     M, N = x.shape[0], qweight.shape[1]
-    if not gluon_gemv.shape_ok(M, N, in_features, x.dtype):
-        return f"it needs M = 1, fp16/bf16 x and K % 8 == 0, got M={M}, {x.dtype}, K={in_features}"
-    if not gluon_gemv.x_ok(x):
-        return "it reads x as int32 pairs: x needs unit stride and an even storage offset"
-    return None
-
-
-def _sm90_refusal(x, qweight, in_features) -> str | None:
-    """Why gemm_sm90 cannot run this call, or None."""
-    if gluon_sm90 is None:
-        return f"Gluon is unavailable in this Triton ({type(_SM90_ERROR).__name__}: {_SM90_ERROR})"
-    if not sm90_capable(x.device):
-        return f"it needs an sm_90 GPU (Hopper) outside the Triton interpreter, got {x.device}"
-    M, N = x.shape[0], qweight.shape[1]
-    if not gluon_sm90.shape_ok(M, N, in_features, x.dtype):
-        return f"it needs fp16/bf16 x, K % 8 == 0 and N % 4 == 0, got {x.dtype}, K={in_features}, N={N}"
-    if not gluon_sm90.pointers_ok(x, qweight):
-        return "TMA needs x and qweight 16-byte aligned with 16-byte row strides"
+    if not module.shape_ok(M, N, in_features, x.dtype):
+        return f"it needs {module.NEEDS_SHAPE}, got M={M}, N={N}, K={in_features}, {x.dtype}"
+    if not module.pointers_ok(x, qweight):
+        return module.NEEDS_POINTERS
     return None
 
 
@@ -384,8 +381,7 @@ def _launch(cfg, x, qweight, scales, zeros, in_features, group_size, out, strict
         x = x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
-    refusal = {"gemm_sm90": _sm90_refusal, "gemv_mma": _gemv_mma_refusal}.get(cfg["kernel"])
-    why = refusal(x, qweight, in_features) if refusal is not None else None
+    why = _gluon_refusal(cfg["kernel"], x, qweight, in_features) if cfg["kernel"] in _GLUON else None
     if why is not None:
         if strict:
             raise ValueError(f"kernel {cfg['kernel']} cannot run this call: {why}")
