@@ -426,7 +426,8 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k, scal
     waits for all of them (WARPGROUP.DEPBAR.LE gsb0, 0x0) only at the loop's two retiring waits
     and the tile's end. Shared-memory stores of the A tile, a second consumer partition or too
     few registers each made it wait after every wgmma (notes items 27-28), which halves speed
-    and would pass every correctness test. Also: 4 ops per fp16 pair (PRMT, LOP3, HFMA2, HMUL2)."""
+    and would pass every correctness test. Also: 4 ops per pair in both dtypes (PRMT, LOP3, HFMA2,
+    HMUL2; bf16 took a fifth, an IMAD, and a HADD2 in place of the HFMA2 before session 23)."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
     counts = _sm90_sass_counts(dtype, group_size, bm, split_k, scales_tma)
@@ -435,8 +436,7 @@ def test_sm90_kernel_keeps_wgmmas_in_flight(dtype, group_size, bm, split_k, scal
     assert waits <= 3, f"{waits} full wgmma waits for {hgmma} wgmmas: ptxas serialised them"
     assert counts["STL"] == 0, "register spills"
     assert counts["shared"] <= 227 * 1024
-    if dtype == torch.float16:
-        assert counts["HFMA2"] == counts["HMUL2"] > 0
+    assert counts["HFMA2"] == counts["HMUL2"] > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,6 +594,29 @@ def test_gpu_sm90_split_k_matches_reference(M, N, K, group_size, sym, split, dty
     for call in range(2):
         out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((M, N), dtype, "cuda"), split_k=split)
         check(out, ref, dtype, f"gemm_sm90 split={split} call {call} M={M} N={N} K={K} g={group_size} seed={seed}")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,sym", ((32, False), (128, False), (128, True), (-1, False)))
+def test_gpu_sm90_dequantizes_exactly(group_size, sym, dtype):
+    """x = I reads back W as the kernel dequantized it: the reference's W rounded once to x's dtype,
+    bit for bit, over random words (every code) and every zero point 0-15. bf16's high half goes
+    through subnormal bf16 values (see the module's docstring): hardware that flushed them would
+    read its codes 1-7 as 0 here."""
+    K, N = 256, 384
+    _, w, _, seed = make_problem(1, N, K, group_size, sym, dtype, device="cuda")
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(-2**31, 2**31, tuple(w.qweight.shape), generator=g, dtype=torch.int64)
+    w.qweight = words.to(torch.int32).cuda()
+    if w.zeros is not None:
+        w.zeros = torch.randint(0, 16, tuple(w.zeros.shape), generator=g, dtype=torch.int64).to(w.zeros.dtype).cuda()
+    x = torch.eye(K, dtype=dtype, device="cuda")
+    out = tw.run_kernel("gemm_sm90", *args(x, w), out=poisoned((K, N), dtype, "cuda"))
+    want = dequantize(w).t().to(dtype)
+    bad = (out != want).sum().item()
+    assert bad == 0, f"{bad} of {out.numel()} weights differ from the reference's rounding, seed={seed}"
 
 
 @pytest.mark.gpu

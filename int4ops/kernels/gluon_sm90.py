@@ -26,9 +26,15 @@ Why each piece is the way it is (measurements: notes/triton_kernels.md items 27-
       prmt  byte c -> bytes 0 and 2          lop3  keep bits 0-3 and 20-23, OR 0x6400 in both halves
       fma   (1024 + q_lo, 1024 + 16 q_hi) * (1, 1/16) - (1024 + z, 64 + z) = (q - z) exactly
       mul   by the group's scale (in x's dtype): W is rounded to x's dtype once, as dequantize + cuBLAS does.
-  bf16 has no mantissa room for 16 q (bit 7 of the high half is an exponent bit), so it spends
-  one more: prmt isolates the byte, x 0x1001 moves its high nibble to bits 16-19, lop3 adds the
-  128 magic, then sub + mul (5 instructions).
+  bf16 has no mantissa room for 16 q (bit 7 of the high half is its exponent's lowest bit), so its
+  high half takes no magic: bits 16 q read as a bf16 are 16 q * 2^-133 for every q, because the
+  subnormals (exponent field 0) and the first normal binade (field 1) have the same spacing. The
+  same 4 instructions then do it exactly, with other constants:
+      lop3  keep bits 0-3 and 20-23, OR 0x4300 in the low half only        -> (128 + q_lo, q_hi 2^-129)
+      fma   * (1, 2^127) - (128 + z, z / 4) = (q_lo - z, (q_hi - z) / 4)    (bf16 keeps subnormals)
+      mul   by (s, 4 s): the same rounding as (q - z) s, the 4 being a power of two (s < 2^126)
+  (It was 5: prmt, x 0x1001 to move the high nibble to bits 16-19, lop3, sub, mul; 10-14% slower
+  than fp16 at 24-32 tokens, where this loop is bound by its dequantization.)
 * The word tile comes by TMA with no swizzle, which lands plain row-major; it is read through a
   reinterpreted plain shared layout (read through the NVMMA view it came back wrong on triton 3.6).
 * Warp specialisation: a producer warp runs the TMA ring ahead on its own (ready/empty mbarriers),
@@ -76,7 +82,7 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 _reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
-# $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale, twice.
+# $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale (fp16: twice; bf16: s, 4 s).
 _DEQ_F16 = gl.constexpr("""{
 .reg .b32 r, k;
 mov.b32 k, 0x2C003C00;
@@ -87,13 +93,25 @@ mul.f16x2 r, r, $5;
 mov.b32 {$0, $1}, r;
 }""")
 _DEQ_BF16 = gl.constexpr("""{
-.reg .b32 r;
+.reg .b32 r, k;
+mov.b32 k, 0x7F003F80;
 prmt.b32 r, $2, 0, $3;
-mul.lo.u32 r, r, 4097;
-lop3.b32 r, r, 0x000F000F, 0x43004300, 0xEA;
-sub.rn.bf16x2 r, r, $4;
+lop3.b32 r, r, 0x00F0000F, 0x00004300, 0xEA;
+fma.rn.bf16x2 r, r, k, $4;
 mul.rn.bf16x2 r, r, $5;
 mov.b32 {$0, $1}, r;
+}""")
+
+# bf16's zero term and scale pair from z ($2) and the scale's bits ($3).
+_ZS_BF16 = gl.constexpr("""{
+.reg .b32 t, k, c;
+mad.lo.u32 t, $2, 0x10001, 0x43004300;
+mov.b32 k, 0xBE80BF80;
+mov.b32 c, 0x42000000;
+fma.rn.bf16x2 $0, t, k, c;
+mul.lo.u32 t, $3, 0x10001;
+mov.b32 k, 0x40803F80;
+mul.rn.bf16x2 $1, t, k;
 }""")
 
 BN, BM, BK = 128, 256, 64  # features x tokens x k per tile at large M (see plan for the others)
@@ -175,14 +193,16 @@ def _producer(x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, re
 
 @gluon.jit
 def _pack_scales_zeros(s, z, DTYPE: gl.constexpr):
-    """A scale and zero point as the pair asm's operands: the scale in x's dtype twice, and the
-    zero term, 2 x 16 bits in an int32 each."""
-    sb = s.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    ss = sb | (sb << 16)
+    """A scale and zero point as the pair asm's operands (2 x 16 bits in an int32 each): the zero
+    term, and the scale in x's dtype (fp16: twice; bf16: s and 4 s, for the high half's 1/4)."""
+    sd = s.to(DTYPE)
+    sb = sd.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     if DTYPE == gl.float16:
         zz = (0xE400 + z) | ((0xD400 + 16 * z) << 16)  # -(1024 + z), -(64 + z) in fp16
-    else:
-        zz = (0x4300 + z) | ((0x4300 + z) << 16)  # 128 + z in bf16, twice
+        ss = sb | (sb << 16)
+    else:  # -(128 + z), -z / 4 = (128 + z) * (-1, -1/4) + (0, 32), exact; (s, 4 s)
+        zz, ss = gl.inline_asm_elementwise(_ZS_BF16, "=r,=r,r,r", [z, sb], dtype=(gl.int32, gl.int32), is_pure=True,
+                                           pack=1)
     return zz, ss
 
 
@@ -318,12 +338,8 @@ def _consumer(x_desc, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, x_smem, w_
     L3: gl.constexpr = _split_pair_axis(gl.to_linear_layout(PAIR, [BN, BK // 2]), BN, BK)
     OUT: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # features fastest
 
-    # prmt selector of a pair: its byte c = lane % 4 -> bytes 0 and 2 (fp16) / byte 0 (bf16), zeros elsewhere.
-    c4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    if DTYPE == gl.float16:
-        c4 = c4 * 0x101 + 0x4040
-    else:
-        c4 = c4 + 0x4440
+    # prmt selector of a pair: its byte c = lane % 4 -> bytes 0 and 2, zeros elsewhere.
+    c4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * 0x101 + 0x4040
     sel3 = gl.expand_dims(gl.expand_dims(c4, 0), 1) + gl.zeros([BN, BK // 8, 4], gl.int32, L3)
     sel = gl.convert_layout(gl.reshape(sel3, [BN, BK // 2]), PAIR)
 
