@@ -303,7 +303,7 @@ def test_tuned_configs_prefer_the_group_they_were_tuned_at():
 def test_sm90_default_rule():
     """gemm_sm90 replaces the Triton paths where it measured faster: M = 17-128 (one token tile, K
     split), to 256 on layers larger than 4096x4096, and past 256 where its 128 x 256 tiles fill
-    ~0.7 of a wave, in bf16 only below M = 3072; fp16/bf16 x and TMA-friendly K and N only."""
+    ~0.7 of a wave; fp16/bf16 x and TMA-friendly K and N only."""
     if tw.gluon_sm90 is None:
         pytest.skip(f"no Gluon in this Triton: {tw._SM90_ERROR}")
     f16 = torch.float16
@@ -324,8 +324,8 @@ def test_sm90_default_rule():
     assert tw.sm90_default(2048, 4096, 14336, f16, 132)
     assert tw.sm90_default(2048, 4096, 4096, torch.bfloat16, 132)
     assert tw.sm90_default(4096, 4096, 4096, f16, 132)
-    assert not tw.sm90_default(3072, 4096, 4096, torch.bfloat16, 132)  # bf16: dequantize + cuBLAS wins there
-    assert not tw.sm90_default(4096, 28672, 4096, torch.bfloat16, 132)
+    assert tw.sm90_default(3072, 4096, 4096, torch.bfloat16, 132)  # bf16 as fp16 since its pairs take 4 ops
+    assert tw.sm90_default(4096, 28672, 4096, torch.bfloat16, 132)
     assert not tw.sm90_default(1024, 4096, 4096, torch.float32, 132)
     assert not tw.sm90_default(1024, 4096, 4100, f16, 132)  # K % 8: x's TMA row stride
     assert not tw.sm90_default(1024, 4098, 4096, f16, 132)  # N % 4: the words' TMA row stride

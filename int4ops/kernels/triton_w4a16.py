@@ -187,17 +187,14 @@ def sm90_default(M: int, N: int, K: int, dtype: torch.dtype, sms: int) -> bool:
     * M > 256 (256-token tiles): once they fill ~0.7 of a wave: from M = 512 on 6144x4096 and
       the 28672-feature layers, at M = 1024 on all five (0.76-0.92x of cuBLAS against 0.74-0.79x in
       session 18; 0.86-1.02x since the scales come by TMA). At M = 2048 ahead of dequantize +
-      cuBLAS on all five layers in both dtypes (1-14% less time, one tie), and in fp16 at M =
-      3072-4096 too (2-9%, one loss of 3% at 6144x4096 M = 3072). In bf16 from M = 3072 it no
-      longer wins: at 3072 1% ahead on the two 28672-feature layers, even or 3-11% behind on the
-      others; at 4096 2-4% behind (one tie). cuBLAS's bf16 GEMM is the faster one there, and this
-      kernel's bf16 dequantization costs an instruction more per pair. So bf16 keeps dequantize +
-      cuBLAS from M = 3072 (notes item 32).
+      cuBLAS on all five layers in both dtypes (1-14% less time, one tie), and at M = 3072 on
+      four of five in both dtypes (2-11%; 6144x4096 2-7% behind). At M = 4096 fp16 1-8% ahead on
+      all five, bf16 even over the five layers (two 1-5% ahead, a tie, two 1-4% behind). Until
+      session 23 bf16 kept dequantize + cuBLAS from M = 3072: its dequantization took an
+      instruction more per pair (notes items 32, 34).
     (bench/results/kernels_h100_2026-11-22_sm90_run*.json, gluon_sm90_tma_scales_lab_h100_2026-11-23.json,
-    large_m_h100_2026-11-23*.json)"""
+    large_m_h100_2026-11-23*.json, bf16_pairs_lab_h100_2026-11-23.json)"""
     if gluon_sm90 is None or not gluon_sm90.shape_ok(M, N, K, dtype):
-        return False
-    if dtype == torch.bfloat16 and M >= 3072:
         return False
     if M <= gluon_sm90.SMALL_M:
         return M > 16 and (M <= 128 or N * K > 4096 * 4096)
