@@ -808,8 +808,15 @@ def test_gpu_torch_compile(M):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_gpu_second_device():
-    x, w, ref, _ = make_problem(16, 1024, 512, 128, False, torch.float16, device="cuda:1")
-    out = tw.w4a16_matmul(*args(x, w))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", (1, 16, 64, 1024))
+def test_gpu_second_device(M, dtype):
+    """Each path launches on x's device, here the second GPU, while the current device is the
+    first (a model split over GPUs): M = 1 the GEMV (gemv_mma on sm_90), 16 the fused GEMM, 64 and
+    1024 gemm_sm90 on sm_90 (its split-K tickets and SM count are per device), else the fused GEMM
+    and dequantize + cuBLAS."""
+    x, w, ref, seed = make_problem(M, 4096, 4096, 128, False, dtype, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    out = tw.w4a16_matmul(*args(x, w), out=poisoned((M, 4096), dtype, "cuda:1"))
     assert out.device == torch.device("cuda:1")
-    check(out, ref, torch.float16, "cuda:1")
+    check(out, ref, dtype, f"cuda:1 M={M} seed={seed}")
