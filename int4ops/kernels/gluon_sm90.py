@@ -82,25 +82,24 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 _reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
-# $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale (fp16: twice; bf16: s, 4 s).
-_DEQ_F16 = gl.constexpr("""{
+
+def _deq_asm(ty: str, k: int, magic: int) -> gl.constexpr:
+    """One pair's dequantization (the docstring's 4 steps), fp16 and bf16 differing in constants.
+    $2: the pair's packed word; $3: prmt selector; $4: the zero term; $5: the scale pair;
+    k: the fma's multipliers; magic: what lop3 ORs in."""
+    return gl.constexpr(f"""{{
 .reg .b32 r, k;
-mov.b32 k, 0x2C003C00;
+mov.b32 k, 0x{k:08X};
 prmt.b32 r, $2, 0, $3;
-lop3.b32 r, r, 0x00F0000F, 0x64006400, 0xEA;
-fma.rn.f16x2 r, r, k, $4;
-mul.f16x2 r, r, $5;
-mov.b32 {$0, $1}, r;
-}""")
-_DEQ_BF16 = gl.constexpr("""{
-.reg .b32 r, k;
-mov.b32 k, 0x7F003F80;
-prmt.b32 r, $2, 0, $3;
-lop3.b32 r, r, 0x00F0000F, 0x00004300, 0xEA;
-fma.rn.bf16x2 r, r, k, $4;
-mul.rn.bf16x2 r, r, $5;
-mov.b32 {$0, $1}, r;
-}""")
+lop3.b32 r, r, 0x00F0000F, 0x{magic:08X}, 0xEA;
+fma.rn.{ty} r, r, k, $4;
+mul.rn.{ty} r, r, $5;
+mov.b32 {{$0, $1}}, r;
+}}""")
+
+
+_DEQ_F16 = _deq_asm("f16x2", 0x2C003C00, 0x64006400)  # (1, 1/16); 1024 magic in both halves
+_DEQ_BF16 = _deq_asm("bf16x2", 0x7F003F80, 0x00004300)  # (1, 2^127); 128 magic in the low half only
 
 # bf16's zero term and scale pair from z ($2) and the scale's bits ($3).
 _ZS_BF16 = gl.constexpr("""{
@@ -195,8 +194,7 @@ def _producer(x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, re
 def _pack_scales_zeros(s, z, DTYPE: gl.constexpr):
     """A scale and zero point as the pair asm's operands (2 x 16 bits in an int32 each): the zero
     term, and the scale in x's dtype (fp16: twice; bf16: s and 4 s, for the high half's 1/4)."""
-    sd = s.to(DTYPE)
-    sb = sd.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    sb = s.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     if DTYPE == gl.float16:
         zz = (0xE400 + z) | ((0xD400 + 16 * z) << 16)  # -(1024 + z), -(64 + z) in fp16
         ss = sb | (sb << 16)
